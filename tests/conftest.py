@@ -1,0 +1,74 @@
+"""Shared fixtures: the built-in model folder, a tiny random model with the real tokenizer, recipes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Tests never reach the network (DESIGN invariant 7).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def builtin_dir() -> Path:
+    from sft.model.builtin import builtin_model_dir
+
+    return builtin_model_dir("builtin:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(builtin_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(builtin_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path, tokenizer: Any) -> Path:
+    """A 2-layer Llama with random weights and the built-in tokenizer: real code paths, fast steps."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_recipe(model_dir: Path, output_dir: Path, **overrides: Any) -> Any:
+    """A fast recipe on the tiny model and the built-in data (short sequences, no W&B)."""
+    from sft.config import apply_override, validate_recipe
+
+    raw: dict[str, Any] = {
+        "model": {"name": str(model_dir)},
+        "data": {"max_seq_len": 64},
+        "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 3, "device": "cpu"},
+        "optim": {"lr": 1e-3, "warmup_steps": 0},
+        "eval": {"max_batches": 1, "batch_size": 4},
+        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+        "output_dir": str(output_dir),
+    }
+    for key, value in overrides.items():
+        apply_override(raw, f"{key.replace('__', '.')}={value}")
+    return validate_recipe(raw)
