@@ -75,7 +75,7 @@ class Metrics:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text, file=sys.stdout)  # clears the bar (on stderr), prints, redraws it
         else:
             print(text, flush=True)
 

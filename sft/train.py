@@ -26,7 +26,8 @@ from sft.errors import SftError
 from sft.evaluate import eval_loss, generate_answers
 from sft.loss import count_targets, count_tokens, loss_sum
 from sft.metrics import Metrics
-from sft.model.load import add_lora, check_model_name, count_parameters, load_model, load_tokenizer
+from sft.model import build_model
+from sft.model.load import check_model_name, count_parameters, load_tokenizer
 from sft.optim import build_scheduler
 from sft.signals import Preempted, StopFlag
 from sft.strategies import build_strategy
@@ -53,9 +54,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     total_steps = t.max_steps or t.epochs * data.steps_per_epoch
 
     # ---- 2. Model, strategy, optimizer, schedule.
-    model = load_model(recipe.model, dist.device)
-    if recipe.method == "lora":
-        model = add_lora(model, recipe.lora)
+    model = build_model(recipe, dist.device)
     trainable, total = count_parameters(model)
     strategy = build_strategy(recipe, dist)
     model, optimizer = strategy.prepare(model)
