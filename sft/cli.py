@@ -41,6 +41,14 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_preview(args: argparse.Namespace) -> int:
+    from sft.config import load_recipe
+    from sft.data.preview import preview
+
+    print(preview(load_recipe(args.recipe, args.overrides), args.n))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sft",
@@ -81,11 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML merge config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser(
+        "data", help="inspect the data a recipe trains on", description="Inspect training data."
+    )
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data_sub.add_parser(
+        "preview",
+        help="print the first samples with the trained tokens highlighted, and the data statistics",
+        description="Example: sft data preview recipes/quickstart.yaml data.packing=true -n 5",
+    )
+    q.add_argument("recipe", help="YAML recipe")
+    q.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    q.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    q.set_defaults(func=_data_preview)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may also follow options (`sft launch r.yaml --backend slurm launch.nodes=2`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not (hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args))
     except SftError as e:

@@ -1,0 +1,7 @@
+"""`python -m launch RECIPE [key=value ...] --backend ...`: the same as `sft launch`."""
+
+import sys
+
+from launch.cli import main
+
+sys.exit(main())
