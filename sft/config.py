@@ -42,19 +42,86 @@ class LoraConfig(Section):
     modules_to_save: list[str] = Field(default_factory=list)
 
 
+class QuantConfig(Section):
+    """4-bit base weights for method=qlora (bitsandbytes); the LoRA adapters stay in float32."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """nf4 (NormalFloat, the QLoRA paper's choice for normally distributed weights) or fp4."""
+    double_quant: bool = True
+    """Quantize the per-block scales too (about 0.4 bits per weight saved)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """dtype the 4-bit weights are dequantized to for each matmul."""
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """Tensor dtype the packed 4-bit values are stored in; FSDP2 can shard only float storage (set it to
+    model.dtype there), the values and the memory are the same."""
+
+
+TrainOn = Literal["assistant", "last_assistant", "all"]
+DATA_FIELDS = (
+    "messages", "role", "content", "conversations", "from", "value",
+    "instruction", "input", "output", "prompt", "completion", "text", "system",
+)  # fmt: skip
+
+
 class DataSource(Section):
     path: str
-    """A JSONL file, or `builtin:NAME/SPLIT` for data shipped with sft."""
-    format: Literal["messages"] = "messages"
+    """A local file or glob (.jsonl, .json, .parquet, .csv), a folder written by `datasets`' save_to_disk,
+    `hub:ORG/NAME` (a hub data set: reaches the network), or `builtin:NAME/SPLIT` (data shipped with sft)."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    """`auto` picks the format from the first row's fields."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Our field name -> the data's field name, e.g. {messages: dialog, role: speaker, text: body}."""
+    system_prompt: str | None = None
+    """Put first in every conversation that has no system turn of its own."""
+    train_on: TrainOn | None = None
+    """Overrides data.train_on for this source."""
+    weight: float | None = Field(None, gt=0)
+    """Mixture weight: set it on every train source (proportional sampling) or on none (concatenation)."""
+    split: str = "train"
+    """The split of a hub data set or of a saved DatasetDict."""
+    subset: str | None = None
+    """The configuration name of a hub data set."""
+    revision: str | None = None
+    """A hub data set's revision (branch, tag or commit)."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(DATA_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r} in columns; map one of: {', '.join(DATA_FIELDS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _system_prompt_needs_chat(self) -> DataSource:
+        if self.system_prompt is not None and self.format == "text":
+            raise ValueError("system_prompt applies to conversations, not to format=text")
+        return self
 
 
 class DataConfig(Section):
     train: list[DataSource] = Field(default_factory=lambda: [DataSource(path="builtin:jargon/train")])
     eval: list[DataSource] = Field(default_factory=lambda: [DataSource(path="builtin:jargon/eval")])
     max_seq_len: int = Field(512, gt=8)
-    train_on: Literal["assistant"] = "assistant"
-    on_overflow: Literal["truncate", "drop"] = "truncate"
+    train_on: TrainOn = "assistant"
+    """Which tokens of a conversation carry the loss; raw text always trains every token."""
+    on_overflow: Literal["truncate", "drop", "split"] = "truncate"
+    """A sample longer than max_seq_len is cut, dropped, or split into chunks (counted in the statistics)."""
+    split_overlap: int = Field(0, ge=0)
+    """With on_overflow=split: tokens each chunk repeats from the previous one as context (not trained twice)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed row stops the run naming file and row, or is skipped and counted."""
+    packing: bool = False
+    """Pack each rank's samples of a step into rows of max_seq_len; samples never attend to each other."""
     shuffle: bool = True
+    streaming: bool = False
+    """Read training rows as a stream instead of tokenizing all first (needs train.max_steps)."""
+    epoch_size: int | None = Field(None, gt=0)
+    """Samples per epoch of a weighted mixture; default the sum of all sources."""
+    add_eos: bool = True
+    """End every raw text and plain completion with the tokenizer's end-of-sequence token."""
+    cache: bool = True
+    """Keep tokenized data on disk under $SFT_CACHE/data (default ~/.cache/sft/data)."""
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -66,9 +133,26 @@ class DataConfig(Section):
             return [{"path": x} if isinstance(x, str) else x for x in v]
         return v
 
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.split_overlap >= self.max_seq_len // 2:
+            raise ValueError(
+                f"split_overlap ({self.split_overlap}) must be below half of max_seq_len ({self.max_seq_len})"
+            )
+        weighted = [s.weight is not None for s in self.train]
+        if any(weighted) and not all(weighted):
+            raise ValueError("set a weight on every data.train source (a weighted mixture) or on none")
+        if any(s.weight is not None for s in self.eval):
+            raise ValueError("weights apply to data.train; data.eval sources are always read whole")
+        if self.epoch_size is not None and not any(weighted):
+            raise ValueError("data.epoch_size applies to a weighted mixture; set weights on data.train")
+        return self
+
 
 class OptimConfig(Section):
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    """adamw: torch's; the others are bitsandbytes': 8-bit state (about 1/4 of the memory) and/or paged state
+    (CUDA unified memory that moves to host RAM under memory pressure; ordinary memory on CPU)."""
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -126,8 +210,45 @@ class LoggingConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
+class FsdpConfig(Section):
+    """PyTorch FSDP2 (`fully_shard` per decoder layer and the root)."""
+
+    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the gathered weights used for compute; auto: bfloat16 when train.precision=bf16."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the gradient reduce-scatter; float32 keeps the sum over ranks exact enough for parity."""
+    cpu_offload: bool = False
+    """Keep sharded weights, gradients and optimizer state in CPU memory (GPU runs; slower, much less memory)."""
+    reshard_after_forward: bool = True
+    """Free each layer's gathered weights after its forward (ZeRO-3 like); false keeps them for the
+    backward (ZeRO-2 like: more memory, one all-gather fewer per layer)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of storing them."""
+    sync_every_micro_batch: bool = False
+    """With grad_accum > 1: false accumulates unsharded gradients and reduce-scatters once per step (less
+    communication, a full gradient copy per rank between micro-batches); true reduce-scatters after every
+    micro-batch (gradients stay sharded: least memory, for models whose full gradients do not fit)."""
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed ZeRO. The JSON config's "auto" values are filled from this recipe."""
+
+    zero_stage: Literal[1, 2, 3] = 2
+    """1: shard optimizer state; 2: + gradients; 3: + parameters."""
+    offload_optimizer: bool = False
+    """Optimizer state and step on the CPU (DeepSpeedCPUAdam; compiles a C++ op once)."""
+    offload_params: bool = False
+    """Parameters on the CPU between uses (ZeRO-3 only)."""
+    config: str | None = None
+    """Your own DeepSpeed JSON; default ds_configs/zero{1,2,3}.json or zero3_offload.json. Its values must be
+    "auto" or agree with the recipe (batch sizes, accumulation, clipping, precision, optimizer)."""
+
+
 class StrategyConfig(Section):
-    name: Literal["single"] = "single"
+    name: Literal["single", "fsdp2", "deepspeed"] = "single"
+    """single: one process, plain PyTorch; fsdp2: PyTorch FSDP2; deepspeed: DeepSpeed ZeRO 1/2/3."""
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
 
 class LaunchConfig(Section):
@@ -147,12 +268,26 @@ class LaunchConfig(Section):
     env: dict[str, str] = Field(default_factory=dict)
     signal_seconds: int = Field(90, gt=0)
     requeue: bool = True
+    job_name: str | None = None
+    """Slurm job name; default `sft-<last part of output_dir>`."""
+    python: str | None = None
+    """Python on the compute nodes; default the one running `sft launch` (same venv on a shared filesystem)."""
+    rdzv_endpoint: str | None = None
+    """host:port of the first box, for `--backend torchrun` across several boxes without Slurm."""
+
+    @field_validator("time", "mem", mode="before")
+    @classmethod
+    def _number_as_text(cls, v: Any) -> Any:
+        # `time: 90` (minutes) and `mem: 0` (all of the node's memory) are valid Slurm values as numbers too.
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class Recipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
-    method: Literal["full", "lora"] = "lora"
+    method: Literal["full", "lora", "qlora"] = "lora"
+    """qlora: LoRA adapters over a frozen base loaded in 4-bit (the `quant` section)."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -189,7 +324,96 @@ class Recipe(Section):
             )
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other; pick one")
+        self._qlora_combinations()
+        self._strategy_combinations()
         return self
+
+    def _qlora_combinations(self) -> None:
+        """4-bit base weights and bitsandbytes optimizers: what cannot work, and why (issue 5)."""
+        s, q = self.strategy, self.quant
+        if self.method != "qlora" and q != QuantConfig():
+            raise ValueError(
+                f"the quant section applies to method=qlora (got method={self.method}); "
+                "set method=qlora or remove the quant settings"
+            )
+        half_base = self.model.dtype != "float32" and self.train.precision != "bf16"
+        if self.method in ("lora", "qlora") and self.lora.modules_to_save and half_base:
+            raise ValueError(
+                f"lora.modules_to_save trains full copies of {self.lora.modules_to_save} in float32 while "
+                f"model.dtype={self.model.dtype} keeps the rest in half precision; set train.precision=bf16 "
+                "(autocast joins the two) or model.dtype=float32"
+            )
+        if self.method == "qlora":
+            self._qlora_only()
+        if self.optim.name != "adamw" and s.name == "deepspeed":
+            raise ValueError(
+                f"optim.name={self.optim.name} is a bitsandbytes optimizer, but DeepSpeed builds and partitions its "
+                "own AdamW from the config (paged or 8-bit state cannot be partitioned by ZeRO); use optim.name=adamw"
+            )
+        if self.optim.name != "adamw" and s.name == "fsdp2":
+            raise ValueError(
+                f"optim.name={self.optim.name} is a bitsandbytes optimizer; its kernels update plain tensors, not "
+                "the sharded DTensor parameters of FSDP2; use optim.name=adamw (FSDP2 shards its state already)"
+            )
+
+    def _qlora_only(self) -> None:
+        s, q = self.strategy, self.quant
+        autocast = "bfloat16" if self.train.precision == "bf16" else "float32"
+        halves = {
+            f"model.dtype={self.model.dtype}": self.model.dtype,
+            f"quant.compute_dtype={q.compute_dtype}": q.compute_dtype,
+            f"train.precision={self.train.precision}": autocast,
+        }
+        mixed = {k: v for k, v in halves.items() if v != "float32"}
+        if len(set(mixed.values())) > 1:
+            raise ValueError(
+                f"method=qlora with {' and '.join(mixed)} mixes two half types; use one of bfloat16 or float16 "
+                "throughout (or float32)"
+            )
+        if s.name == "deepspeed":
+            why = (
+                "ZeRO-3 partitions every parameter, which breaks bitsandbytes' packed 4-bit weights and their "
+                "quantization state"
+                if s.deepspeed.zero_stage == 3
+                else f"ZeRO-{s.deepspeed.zero_stage} would shard only the small adapters' optimizer state"
+            )
+            raise ValueError(
+                f"method=qlora is not supported under strategy.name=deepspeed: {why}; use strategy.name=fsdp2 "
+                "(FSDP-QLoRA) or single"
+            )
+        if s.name == "fsdp2":
+            if q.storage_dtype != self.model.dtype:
+                raise ValueError(
+                    f"method=qlora under fsdp2 needs quant.storage_dtype={self.model.dtype} (= model.dtype): FSDP2 "
+                    f"shards float tensors of one dtype, and quant.storage_dtype={q.storage_dtype} is not"
+                )
+            if self.lora.use_dora:
+                raise ValueError(
+                    "lora.use_dora with method=qlora under fsdp2: peft's DoRA dequantizes each whole 4-bit weight, "
+                    "which FSDP2 holds sharded across ranks; use plain LoRA or strategy.name=single"
+                )
+
+    def _strategy_combinations(self) -> None:
+        s = self.strategy
+        if s.name == "fsdp2":
+            if s.fsdp.activation_checkpointing and self.model.gradient_checkpointing:
+                raise ValueError(
+                    "strategy.fsdp.activation_checkpointing and model.gradient_checkpointing both recompute "
+                    "activations; keep one (the fsdp one wraps each decoder layer)"
+                )
+            if s.fsdp.param_dtype == "bfloat16" and self.train.precision == "fp32":
+                raise ValueError(
+                    "strategy.fsdp.param_dtype=bfloat16 computes in bf16 but train.precision=fp32; "
+                    "set train.precision=bf16 (or param_dtype=auto)"
+                )
+        if s.name == "deepspeed":
+            if s.deepspeed.offload_params and s.deepspeed.zero_stage != 3:
+                raise ValueError(
+                    f"strategy.deepspeed.offload_params needs zero_stage=3 (got {s.deepspeed.zero_stage})"
+                )
+            from sft.strategies.ds_config import check_against_recipe
+
+            check_against_recipe(self)  # a user JSON that contradicts the recipe fails here, before launch
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

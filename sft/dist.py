@@ -43,3 +43,26 @@ def init_dist(device_choice: str = "auto") -> DistEnv:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def ensure_process_group(dist: DistEnv) -> None:
+    """Sharded backends need a process group even for one process (`sft train` without torchrun)."""
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if dist.device.type == "cuda" else "gloo"
+    if dist.world_size == 1:
+        # An in-memory store: no port to pick, nothing reaches the network.
+        torch.distributed.init_process_group(
+            backend=backend, store=torch.distributed.HashStore(), rank=0, world_size=1
+        )
+        return
+    torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
+
+
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a small tensor over all ranks (on `device`: NCCL reduces only GPU tensors); returns a CPU copy."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    out = values.to(device)
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out.cpu()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sft.data.chat import IGNORE_INDEX
+from sft.data.collate import real_tokens
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -24,9 +25,8 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens in a batch, for throughput."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    """Real (non-padding) tokens in a batch, for throughput; packed batches have no attention mask."""
+    return real_tokens(batch)
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:

@@ -9,9 +9,18 @@ import torch
 
 from sft.config import OptimConfig
 
+# optim.name -> bitsandbytes class: 8-bit moments (blockwise quantized) and/or paged state (CUDA unified
+# memory that the driver moves to host RAM when the GPU runs short, instead of failing with out-of-memory).
+BNB_OPTIMIZERS = {
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw": "PagedAdamW",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+}
+
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on biases and norm weights)."""
+    """AdamW (torch's, or bitsandbytes' 8-bit / paged one) with weight decay on matrices only (not on biases
+    and norm weights)."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
@@ -22,7 +31,15 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    import bitsandbytes as bnb
+
+    cls = getattr(bnb.optim, BNB_OPTIMIZERS[cfg.name])
+    optimizer: torch.optim.Optimizer = cls(
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> Any:

@@ -28,6 +28,7 @@ from sft.loss import count_targets, count_tokens, loss_sum
 from sft.metrics import Metrics
 from sft.model import build_model
 from sft.model.load import check_model_name, count_parameters, load_tokenizer
+from sft.model.quant import describe_memory, memory_report
 from sft.optim import build_scheduler
 from sft.signals import Preempted, StopFlag
 from sft.strategies import build_strategy
@@ -56,6 +57,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     # ---- 2. Model, strategy, optimizer, schedule.
     model = build_model(recipe, dist.device)
     trainable, total = count_parameters(model)
+    memory = memory_report(model, recipe.optim.name)  # measured before a strategy shards anything
     strategy = build_strategy(recipe, dist)
     model, optimizer = strategy.prepare(model)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps)
@@ -73,6 +75,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         strategy.load_checkpoint(resume_from, model, optimizer)
         state = load_trainer_state(resume_from, dist)
         step, run_id = state["step"], state.get("wandb_run_id")
+        data.load_state_dict(state.get("data"))  # a stream's read position (in-memory data needs none)
         scheduler.load_state_dict(state["scheduler"])
 
     metrics = Metrics(recipe, output_dir, enabled=dist.is_main, run_id=run_id, start_step=step)
@@ -81,7 +84,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         f"[sft] {recipe.method} fine-tuning of {recipe.model.name} on {dist.device} x{dist.world_size}; "
         f"trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})"
     )
-    metrics.print(f"[sft] {data.describe()}; training {total_steps} steps")
+    metrics.print(describe_memory(memory))
+    metrics.summary({f"memory/{k}": v for k, v in memory.items()})
+    metrics.print(f"[sft] training {total_steps} steps; {data.describe()}")
     if resume_from is not None:
         metrics.print(f"[sft] resumed from {resume_from} at step {step}")
 
@@ -93,15 +98,18 @@ def train(recipe: Recipe) -> dict[str, Any]:
         return eval_loss(model, batches, t.precision, strategy.sum_across_ranks)
 
     def answers() -> list[dict[str, str]]:
-        if not (recipe.eval.prompts and dist.is_main):
+        # With sharded weights every forward is a collective: all ranks generate, rank 0 reports.
+        if not (recipe.eval.prompts and (dist.is_main or strategy.collective_forward)):
             return []
         gen_model = strategy.unwrapped(model)
-        return generate_answers(
+        out = generate_answers(
             gen_model, tokenizer, recipe.eval.prompts, recipe.eval.max_new_tokens, t.precision
         )
+        return out if dist.is_main else []
 
     def checkpoint() -> None:
         state = {"step": step, "scheduler": scheduler.state_dict(), "wandb_run_id": metrics.run_id}
+        state["data"] = data.state_dict()  # every rank: gathers the stream positions when streaming
         save_checkpoint(
             output_dir,
             step,
@@ -132,15 +140,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
         step_start = time.perf_counter()
         micro_batches = [to_device(b) for b in data.micro_batches(step)]
         # The step's loss is the mean over every trained token of the global batch: each micro-batch
-        # contributes its token sum divided by the global count. Data-parallel backends average gradients
-        # over ranks, so the world size is multiplied back in.
+        # contributes its token sum divided by the global count; the strategy turns these shares into the
+        # gradient of their sum over micro-batches and ranks (strategies/base.py).
         counts = torch.tensor([float(sum(count_targets(b) for b in micro_batches))], dtype=torch.float64)
         global_targets = float(strategy.sum_across_ranks(counts)[0])
         loss_total = torch.zeros((), dtype=torch.float64)
         for a, batch in enumerate(micro_batches):
             with strategy.accumulating(model, last_micro_batch=a == len(micro_batches) - 1):
                 micro_loss = loss_sum(model, batch, t.precision)
-                strategy.backward(micro_loss * (dist.world_size / global_targets))
+                strategy.backward(micro_loss / global_targets)
             loss_total += micro_loss.detach().double().cpu()
         lr = scheduler.get_last_lr()[0]
         grad_norm = strategy.step(optimizer, recipe.optim.max_grad_norm)

@@ -39,7 +39,7 @@ def test_every_shipped_recipe_is_valid() -> None:
         ("lora.alpah=3", "did you mean 'lora.alpha'?"),
         ("train.max_steps=abc", "train.max_steps: Input should be a valid integer"),
         ("train.micro_batch_size=0", "train.micro_batch_size: Input should be greater than 0"),
-        ("method=qlorra", "method: Input should be 'full' or 'lora'"),
+        ("method=qlorra", "method: Input should be 'full', 'lora' or 'qlora'"),
         ("model.attn_implementation=flash_attention_2 train.device=cpu", "flash_attention_2 needs a GPU"),
         (
             "optim.warmup_steps=3 optim.warmup_ratio=0.1",

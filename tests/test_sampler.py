@@ -1,11 +1,19 @@
-"""The step sampler: the samples of a global step do not depend on how the batch is split."""
+"""The step sampler and mixtures: the samples of a global step do not depend on how the batch is split; the\norder is a pure function of (seed, epoch); ranks are disjoint and covering; resume needs only the step."""
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sft.data.mixture import Mixture
 from sft.data.sampler import StepSampler
+from tests.conftest import tiny_recipe
 
 
-def step_samples(sampler_args: dict[str, int], world: int, step: int) -> list[int]:
+def step_samples(sampler_args: dict[str, Any], world: int, step: int) -> list[int]:
     out: list[int] = []
     for rank in range(world):
         s = StepSampler(world_size=world, rank=rank, **sampler_args)
@@ -33,3 +41,73 @@ def test_order_is_a_function_of_seed_and_epoch_and_ranks_are_disjoint() -> None:
     other = StepSampler(num_samples=50, micro_batch_size=5, grad_accum=1, world_size=2, rank=0, seed=2)
     assert other.micro_batches(0) != s.micro_batches(0)
     assert s.micro_batches(5) != s.micro_batches(0)  # a new epoch is a new permutation
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def test_concatenation_reads_every_source_once_per_epoch() -> None:
+    m = Mixture([5, 3], None, seed=0)
+    assert m.epoch_size == 8 and sorted(m.epoch_order(0)) == list(range(8))
+    assert m.epoch_order(0) != m.epoch_order(1) and sorted(m.epoch_order(1)) == list(range(8))
+    assert Mixture([5, 3], None, seed=0, shuffle=False).epoch_order(3) == list(range(8))
+
+
+def test_weighted_mixture_is_proportional_deterministic_and_cycles_each_source() -> None:
+    sizes = [100, 10]  # source 1 is small: upsampled; source 0 is downsampled
+    m = Mixture(sizes, [1.0, 1.0], seed=4, epoch_size=60)
+    assert m.counts == [30, 30] and m.epoch_size == 60
+    order = m.epoch_order(0)
+    assert order == Mixture(sizes, [1.0, 1.0], seed=4, epoch_size=60).epoch_order(0)  # fixed for a seed
+    assert order != Mixture(sizes, [1.0, 1.0], seed=5, epoch_size=60).epoch_order(0)
+    small = [i - 100 for i in order if i >= 100]
+    assert Counter(small) == dict.fromkeys(range(10), 3)  # 3 full passes, each sample once per pass
+    # the large source is read without repeats until all of it is used: epochs 0..2 take 90 distinct ones
+    large = [
+        i
+        for e in range(3)
+        for i in Mixture(sizes, [1.0, 1.0], seed=4, epoch_size=60).epoch_order(e)
+        if i < 100
+    ]
+    assert len(large) == 90 and len(set(large)) == 90
+    assert Mixture([10, 10, 10], [0.5, 0.3, 0.2], epoch_size=10).counts == [5, 3, 2]
+
+
+def test_pipeline_resume_mid_epoch_gives_the_very_next_batches(
+    tiny_model_dir: Path, tmp_path: Path, tokenizer: Any
+) -> None:
+    """Order is a pure function of (seed, epoch, step): a fresh pipeline asked for step k gives exactly what an
+    uninterrupted one gives, for each rank, with packing and a weighted mixture; ranks are disjoint."""
+    from sft.data.pipeline import DataPipeline
+
+    def pipe(rank: int) -> DataPipeline:
+        recipe = tiny_recipe(
+            tiny_model_dir,
+            tmp_path,
+            data__train="[{path: 'builtin:jargon/train', weight: 3}, {path: 'builtin:jargon/eval', weight: 1}]",
+            data__epoch_size=200,
+            data__packing="true",
+            train__grad_accum=2,
+        )
+        return DataPipeline(recipe, tokenizer, rank, 2)
+
+    whole = [pipe(0), pipe(1)]
+    spe = whole[0].steps_per_epoch
+    assert spe == 200 // (4 * 2 * 2)
+    steps = list(range(spe + 3))  # into the second epoch
+    run = [[w.micro_batches(k) for k in steps] for w in whole]
+    for rank in (0, 1):
+        resumed = pipe(rank)
+        for k in (spe - 1, spe, spe + 2):
+            for a, b in zip(resumed.micro_batches(k), run[rank][k], strict=True):
+                assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # ranks take disjoint samples of each step, and together the global batch
+    s0, s1 = whole[0].sampler, whole[1].sampler
+    assert s0 is not None and s1 is not None
+    for k in steps:
+        mine = [i for mb in s0.micro_batches(k) for i in mb]
+        theirs = [i for mb in s1.micro_batches(k) for i in mb]
+        assert not set(mine) & set(theirs) and len(mine) == len(theirs) == 8
+    # the mixture's shares: 150 of the first source, 50 of the second per epoch
+    assert whole[0].mixture.counts == [150, 50]
+    assert "samples per epoch: builtin:jargon/train 150, builtin:jargon/eval 50" in whole[0].describe()

@@ -1,24 +1,79 @@
-"""Collate samples into a right-padded batch of tensors."""
+"""Samples -> batch tensors: padded rows, packed rows, or one flat row (flash attention's varlen path).
+
+Packed batches carry `position_ids` that restart at 0 for every sample and no `attention_mask`; from those,
+transformers builds a block-diagonal causal mask (sdpa, eager; with use_cache=False) or calls flash attention's
+variable-length kernel (one flat row), so no sample attends to another. Each sample's first label is already
+IGNORE_INDEX, so no sample is predicted from its predecessor and the packed loss equals the unpacked one.
+Padding at the end of a packed row has label IGNORE_INDEX and position 0 at every token: each padding token is
+then a sequence of its own, attending only to itself, and real tokens never see it (they come before it).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from sft.data.chat import IGNORE_INDEX, Sample
 
+Item = tuple[np.ndarray, np.ndarray]  # (input_ids, labels) of one sample
 
-def pad_collate(samples: Sequence[Sample], pad_id: int, multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Pad to the longest sample (rounded up to `multiple_of` for friendlier kernels)."""
-    longest = max(len(s.input_ids) for s in samples)
-    width = -(-longest // multiple_of) * multiple_of
+
+def as_item(sample: Sample) -> Item:
+    return np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.labels, dtype=np.int64)
+
+
+def _width(longest: int, multiple_of: int) -> int:
+    return -(-longest // multiple_of) * multiple_of
+
+
+def pad_collate(samples: Sequence[Item], pad_id: int, multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """One sample per row, right-padded to the longest (rounded up to `multiple_of` for friendlier kernels)."""
+    width = _width(max(len(ids) for ids, _ in samples), multiple_of)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s.input_ids)
-        input_ids[i, :n] = torch.tensor(s.input_ids)
-        labels[i, :n] = torch.tensor(s.labels)
+    for i, (ids, lab) in enumerate(samples):
+        n = len(ids)
+        input_ids[i, :n] = torch.as_tensor(ids)
+        labels[i, :n] = torch.as_tensor(lab)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack_collate(
+    rows: Sequence[Sequence[Item]], pad_id: int, multiple_of: int = 8
+) -> dict[str, torch.Tensor]:
+    """Several samples per row; the batch is as wide as its longest row (rounded up to `multiple_of`)."""
+    width = _width(max(sum(len(ids) for ids, _ in row) for row in rows), multiple_of)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for ids, lab in row:
+            n = len(ids)
+            input_ids[r, at : at + n] = torch.as_tensor(ids)
+            labels[r, at : at + n] = torch.as_tensor(lab)
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def flat_collate(samples: Sequence[Item]) -> dict[str, torch.Tensor]:
+    """All samples in one row of shape (1, total tokens), no padding: flash attention's varlen layout."""
+    return pack_collate([samples], pad_id=0, multiple_of=1)
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are not padding: padded batches have an attention mask; in packed rows a padding token
+    is a position 0 not followed by position 1 (every real sample has at least two tokens)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    pos = batch.get("position_ids")
+    if pos is None:
+        return batch["input_ids"].numel()
+    following = torch.cat([pos[:, 1:], torch.zeros_like(pos[:, :1])], dim=1)
+    return pos.numel() - int(((pos == 0) & (following != 1)).sum())

@@ -1,7 +1,13 @@
-"""What the training loop sees of the data: micro-batches for a step, eval batches, and statistics.
+"""What the training loop sees of the data: micro-batches for a step, eval batches, statistics, position.
 
 The loop asks only `micro_batches(step)` and `eval_batches()`; how rows are read, formatted, tokenized,
 packed and ordered stays behind this seam.
+
+Packing changes the layout of a step, never its content: `train.micro_batch_size` counts samples with or
+without packing, so a step trains the same samples either way (the sampler's choice, independent of how the
+global batch is split). Each rank packs its micro_batch_size x grad_accum samples of the step into rows of at
+most `max_seq_len` tokens and deals the rows into grad_accum micro-batches. With the token-weighted loss and
+samples that cannot see each other, a packed run follows the unpacked run's loss trajectory.
 """
 
 from __future__ import annotations
@@ -11,64 +17,205 @@ from typing import Any
 import torch
 
 from sft.config import Recipe
-from sft.data import DataStats, load_samples
-from sft.data.chat import Sample
-from sft.data.collate import pad_collate
+from sft.data.collate import Item, as_item, flat_collate, pack_collate, pad_collate
+from sft.data.mixture import Mixture
+from sft.data.pack import pack, slots
+from sft.data.prepare import load_sources
 from sft.data.sampler import StepSampler
+from sft.data.stats import DataStats
+from sft.data.store import ConcatStore
+from sft.data.streaming import StreamReader
 from sft.errors import SftError
+
+PADDING_ESTIMATE_STEPS = 200  # steps of the first epoch looked at for the padding fraction in describe()
 
 
 class DataPipeline:
     def __init__(self, recipe: Recipe, tokenizer: Any, rank: int = 0, world_size: int = 1) -> None:
-        t = recipe.train
+        data, t = recipe.data, recipe.train
         self.recipe = recipe
         self.rank, self.world_size = rank, world_size
-        self.pad_id: int = tokenizer.pad_token_id
-        self.train_samples, self.train_stats = load_samples(recipe.data.train, tokenizer, recipe.data)
-        self.eval_samples: list[Sample] = []
-        self.eval_stats: DataStats | None = None
-        if recipe.data.eval:
-            self.eval_samples, self.eval_stats = load_samples(recipe.data.eval, tokenizer, recipe.data)
-        self.sampler = StepSampler(
-            len(self.train_samples),
-            t.micro_batch_size,
-            t.grad_accum,
-            world_size,
-            rank,
-            recipe.seed,
-            recipe.data.shuffle,
+        self.pad_id: int = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
-        if self.sampler.steps_per_epoch == 0:
-            raise SftError(
-                f"data: {len(self.train_samples)} training samples do not fill one global batch of "
-                f"{self.sampler.global_batch} (micro_batch_size x grad_accum x processes); "
-                "lower train.micro_batch_size or train.grad_accum"
+        self.packing = data.packing
+        # flash attention takes packed samples as one flat row (its variable-length kernel); sdpa and eager
+        # take rows, masked block-diagonally from the position ids.
+        self.flat = recipe.model.attn_implementation == "flash_attention_2"
+        self.cache_hits: list[bool] = []
+        self.stream: StreamReader | None = None
+        self.sampler: StepSampler | None = None
+        self.next_step = 0
+        if data.streaming:
+            if t.max_steps is None:
+                raise SftError("data.streaming=true needs train.max_steps: a stream has no known length")
+            self.stream = StreamReader(data.train, tokenizer, data, recipe.seed, rank, world_size)
+            self.train_stats = self.stream.stats
+        else:
+            stores, self.train_stats, hits = load_sources(data.train, tokenizer, data)
+            self.cache_hits += hits
+            self.train = ConcatStore(stores)
+            weights = [s.weight for s in data.train]
+            self.mixture = Mixture(
+                [len(s) for s in stores],
+                None if weights[0] is None else [float(w or 0) for w in weights],
+                recipe.seed,
+                data.shuffle,
+                data.epoch_size,
             )
+            self.sampler = StepSampler(
+                self.mixture.epoch_size,
+                t.micro_batch_size,
+                t.grad_accum,
+                world_size,
+                rank,
+                mixture=self.mixture,
+            )
+            if self.sampler.steps_per_epoch == 0:
+                raise SftError(
+                    f"data: {self.mixture.epoch_size} training samples do not fill one global batch of "
+                    f"{self.sampler.global_batch} (micro_batch_size x grad_accum x processes); "
+                    "lower train.micro_batch_size or train.grad_accum"
+                )
+        self.eval_stats: DataStats | None = None
+        self.eval_samples = ConcatStore([])
+        if data.eval:
+            eval_stores, self.eval_stats, hits = load_sources(data.eval, tokenizer, data)
+            self.cache_hits += hits
+            self.eval_samples = ConcatStore(eval_stores)
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.sampler is None:  # a stream: its length is unknown, train.max_steps decides
+            return int(self.recipe.train.max_steps or 0)
         return self.sampler.steps_per_epoch
 
-    def describe(self) -> str:
-        s = self.sampler
-        return (
-            f"train data: {self.train_stats.summary()}; {len(self.eval_samples)} eval samples; "
-            f"{s.global_batch} samples per step, {s.steps_per_epoch} steps per epoch, "
-            f"{s.dropped_per_epoch} samples left out per epoch"
-        )
+    @property
+    def samples_per_step(self) -> int:
+        t = self.recipe.train
+        return t.micro_batch_size * t.grad_accum * self.world_size
+
+    # ---- batches
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for optimizer step `step` (0-based), on the CPU."""
-        return [
-            self._collate([self.train_samples[i] for i in idx]) for idx in self.sampler.micro_batches(step)
-        ]
+        t = self.recipe.train
+        if self.stream is not None:
+            groups = [[as_item(s) for s in g] for g in self._stream_step(step)]
+        else:
+            assert self.sampler is not None
+            groups = [[self.train.ids_labels(i) for i in mb] for mb in self.sampler.micro_batches(step)]
+        if not self.packing:
+            return [pad_collate(g, self.pad_id) for g in groups]
+        return self._packed([item for g in groups for item in g], t.grad_accum)
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
         """This rank's share of the eval set (every rank gets a disjoint slice)."""
-        mine = self.eval_samples[self.rank :: self.world_size]
+        mine = list(range(self.rank, len(self.eval_samples), self.world_size))
         size = self.recipe.eval.batch_size
-        chunks = [mine[i : i + size] for i in range(0, len(mine), size)]
-        return [self._collate(c) for c in chunks[: self.recipe.eval.max_batches]]
+        chunks = [mine[i : i + size] for i in range(0, len(mine), size)][: self.recipe.eval.max_batches]
+        out = []
+        for chunk in chunks:
+            items = [self.eval_samples.ids_labels(i) for i in chunk]
+            out += self._packed(items, 1) if self.packing else [pad_collate(items, self.pad_id)]
+        return out
 
-    def _collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        return pad_collate(samples, self.pad_id)
+    def _packed(self, items: list[Item], groups: int) -> list[dict[str, torch.Tensor]]:
+        parts = pack([len(ids) for ids, _ in items], self.recipe.data.max_seq_len, groups)
+        if self.flat:
+            return [flat_collate([items[i] for row in part for i in row]) for part in parts]
+        return [pack_collate([[items[i] for i in row] for row in part], self.pad_id) for part in parts]
+
+    def _stream_step(self, step: int) -> list[list[Any]]:
+        assert self.stream is not None
+        t = self.recipe.train
+        if step < self.next_step:
+            raise SftError(f"data: a stream cannot go back to step {step} (it is at step {self.next_step})")
+        while self.next_step < step:  # no saved position: read past the steps already trained
+            self.stream.take(t.micro_batch_size * t.grad_accum)
+            self.next_step += 1
+        samples = self.stream.take(t.micro_batch_size * t.grad_accum)
+        self.next_step += 1
+        m = t.micro_batch_size
+        return [samples[a * m : (a + 1) * m] for a in range(t.grad_accum)]
+
+    # ---- position (streaming only: in-memory data resumes from the step alone)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The stream position of every rank (a collective when streaming on several ranks), or None."""
+        if self.stream is None:
+            return None
+        mine = {"step": self.next_step, **self.stream.state_dict()}
+        ranks = [mine]
+        if self.world_size > 1:
+            import torch.distributed as tdist
+
+            ranks = [{} for _ in range(self.world_size)]
+            tdist.all_gather_object(ranks, mine)
+        return {"world_size": self.world_size, "ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.stream is None or state is None:
+            return
+        if state["world_size"] != self.world_size:
+            raise SftError(
+                f"data: the checkpoint's stream position is for {state['world_size']} processes, this run has "
+                f"{self.world_size}; resume streaming data with the same number of processes"
+            )
+        mine = state["ranks"][self.rank]
+        self.stream.load_state_dict(mine)
+        self.next_step = mine["step"]
+
+    # ---- statistics
+
+    def padding_fraction(self, steps: int = PADDING_ESTIMATE_STEPS) -> float:
+        """Share of padding tokens in this rank's batches over the first steps (without building tensors)."""
+        if self.sampler is None:
+            return float("nan")
+        lengths = self.train.lengths
+        real = total = 0
+        for step in range(min(steps, self.sampler.steps_per_epoch)):
+            groups = [[int(lengths[i]) for i in mb] for mb in self.sampler.micro_batches(step)]
+            real += sum(map(sum, groups))
+            total += batch_slots(groups, self.recipe.data.max_seq_len, self.packing, self.flat)
+        return 1 - real / max(total, 1)
+
+    def describe(self) -> str:
+        if self.sampler is None:  # a stream: nothing is read yet, so there are no statistics to give
+            sources = ", ".join(s.path for s in self.recipe.data.train)
+            lines = [
+                f"train data: streamed from {sources}, each rank its own rows in file order; "
+                f"{self.samples_per_step} samples per step; {len(self.eval_samples)} eval samples"
+            ]
+        else:
+            lines = [f"train data: {self.train_stats.summary()}"]
+        if self.sampler is not None:
+            s = self.sampler
+            lines[0] += (
+                f"; {len(self.eval_samples)} eval samples; {s.global_batch} samples per step, "
+                f"{s.steps_per_epoch} steps per epoch, {s.dropped_per_epoch} samples left out per epoch"
+            )
+            layout = "packed rows" if self.packing else "padded rows"
+            lines[0] += f"; {layout}, {self.padding_fraction():.1%} padding"
+            if len(self.mixture.counts) > 1:
+                shares = ", ".join(
+                    f"{spec.path} {n}"
+                    for spec, n in zip(self.recipe.data.train, self.mixture.counts, strict=True)
+                )
+                lines.append(f"  samples per epoch: {shares}")
+            lines += self.train_stats.report().splitlines()[1:]
+        if self.cache_hits:
+            lines.append(
+                f"  tokenized data cache: {sum(self.cache_hits)} of {len(self.cache_hits)} sources found"
+            )
+        return "\n".join(lines)
+
+
+def batch_slots(groups: list[list[int]], max_seq_len: int, packing: bool, flat: bool) -> int:
+    """Token slots (real + padding) of one step's micro-batches, given the sample lengths of each."""
+    if not packing:
+        return sum(len(g) * -(-max(g) // 8) * 8 for g in groups)
+    lengths = [n for g in groups for n in g]
+    if flat:
+        return sum(lengths)
+    return slots(pack(lengths, max_seq_len, len(groups)), lengths)

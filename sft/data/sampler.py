@@ -2,13 +2,14 @@
 
 The order is a pure function of (seed, epoch), and the samples of global step k are the same whatever the
 micro batch, accumulation and world size: step k takes the k-th slice of `global_batch` indices of the
-epoch's permutation, and each rank takes its micro-batches from that slice. So resuming is just "start at
+epoch's order, and each rank takes its micro-batches from that slice. So resuming is just "start at
 step k", and the loss does not depend on how the global batch is split (DESIGN invariants 2 and 4).
+Each rank's share of an epoch is disjoint from the others', and together they cover the epoch.
 """
 
 from __future__ import annotations
 
-import torch
+from sft.data.mixture import Mixture
 
 
 class StepSampler:
@@ -21,18 +22,16 @@ class StepSampler:
         rank: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        mixture: Mixture | None = None,
     ) -> None:
-        self.num_samples = num_samples
+        self.mixture = mixture or Mixture([num_samples], None, seed, shuffle)
+        self.num_samples = self.mixture.epoch_size
         self.micro_batch_size = micro_batch_size
         self.grad_accum = grad_accum
         self.world_size = world_size
         self.rank = rank
-        self.seed = seed
-        self.shuffle = shuffle
         self.global_batch = micro_batch_size * grad_accum * world_size
-        self.steps_per_epoch = num_samples // self.global_batch
-        self._epoch = -1
-        self._order: list[int] = []
+        self.steps_per_epoch = self.num_samples // self.global_batch
 
     @property
     def dropped_per_epoch(self) -> int:
@@ -40,14 +39,7 @@ class StepSampler:
         return self.num_samples - self.steps_per_epoch * self.global_batch
 
     def epoch_order(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                self._order = torch.randperm(self.num_samples, generator=g).tolist()
-            else:
-                self._order = list(range(self.num_samples))
-            self._epoch = epoch
-        return self._order
+        return self.mixture.epoch_order(epoch)
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """Sample indices of each of this rank's micro-batches for optimizer step `step` (0-based)."""

@@ -17,7 +17,8 @@ def build_model(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     """The trainable model on `device`, before any strategy wraps it."""
     from sft.model.load import add_lora, load_model
 
-    model = load_model(recipe.model, device)
-    if recipe.method == "lora":
+    # QLoRA: the same LoRA adapters, over a frozen base loaded in 4-bit.
+    model = load_model(recipe.model, device, recipe.quant if recipe.method == "qlora" else None)
+    if recipe.method in ("lora", "qlora"):
         model = add_lora(model, recipe.lora)
     return model

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from sft.config import LoraConfig, ModelConfig
+from sft.config import LoraConfig, ModelConfig, QuantConfig
 from sft.errors import SftError
 from sft.model.builtin import builtin_model_dir, is_builtin
 
@@ -54,9 +54,16 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+def load_model(cfg: ModelConfig, device: torch.device, quant: QuantConfig | None = None) -> torch.nn.Module:
+    """The base model on `device`; with `quant`, its linear layers in 4-bit and frozen (QLoRA)."""
     from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {}
+    if quant is not None:
+        from sft.model.quant import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(quant)
+        kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes each weight as it lands there
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(
             resolve_model_path(cfg.name),
@@ -64,15 +71,20 @@ def load_model(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
             revision=cfg.revision,
+            **kwargs,
         )
     except OSError as e:
         raise SftError(f"model: could not load {cfg.name}: {str(e).splitlines()[0]}") from None
     # The training forward never uses a KV cache; with the cache on, transformers also skips the
     # packed-sequence mask detection (FACTS.md).
     model.config.use_cache = False
+    if quant is not None:
+        from sft.model.quant import prepare_for_kbit_training
+
+        prepare_for_kbit_training(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device)
+    return model if quant is not None else model.to(device)
 
 
 def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
@@ -90,13 +102,21 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, peft_cfg)
+        peft_model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise SftError(f"lora.target_modules: {e}") from None
+    # Trained weights are float32 whatever model.dtype (small updates would round away in bf16): peft upcasts
+    # the adapter matrices, this does the same for the full copies of lora.modules_to_save.
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    return peft_model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts; a packed 4-bit weight counts its values, not its bytes."""
+    from sft.model.quant import logical_numel
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(logical_numel(p) for p in model.parameters())
     return trainable, total

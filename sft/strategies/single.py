@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,20 @@ from safetensors.torch import load_file, save_file
 
 from sft.config import Recipe
 from sft.dist import DistEnv
+from sft.errors import SftError
 from sft.optim import build_optimizer
+from sft.strategies.base import check_meta, save_hf_folder, write_meta
 
 
 class SingleStrategy:
+    collective_forward = False
+
     def __init__(self, recipe: Recipe, dist: DistEnv) -> None:
+        if dist.world_size > 1:
+            raise SftError(
+                f"strategy.name=single runs one process but {dist.world_size} were started; "
+                "set strategy.name=fsdp2 or deepspeed, or start one process"
+            )
         self.recipe = recipe
         self.dist = dist
 
@@ -46,8 +54,10 @@ class SingleStrategy:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(folder / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        write_meta(folder, self.dist, "single")
 
     def load_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        check_meta(folder, self.dist, "single", reshardable=True)
         saved = load_file(str(folder / "trainable.safetensors"))
         params = dict(model.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
@@ -61,11 +71,7 @@ class SingleStrategy:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
 
     def export(self, folder: Path, model: Any, tokenizer: Any) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        if self.recipe.method == "lora":
-            meta = {"base_model": self.recipe.model.name, "quantization": None, "method": self.recipe.method}
-            (folder / "sft_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_hf_folder(self.recipe, folder, model, None, tokenizer)
 
     def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

@@ -1,0 +1,182 @@
+"""PyTorch FSDP2: `fully_shard` per decoder layer and the root, sharded DCP checkpoints, gathered export.
+
+Works on GPUs with NCCL and on CPU with gloo. Parameters, gradients and optimizer state are DTensors sharded
+over all ranks (dim 0); a layer's full weights exist only while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+
+from sft.config import Recipe
+from sft.dist import DistEnv, all_reduce_sum, ensure_process_group
+from sft.errors import SftError
+from sft.optim import build_optimizer
+from sft.strategies.base import adapter_only, check_meta, save_hf_folder, write_meta
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one: the classes a Hugging Face model lists as not to be split."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise SftError(
+            f"strategy.fsdp2: found no decoder layers in {type(model).__name__} "
+            "(no _no_split_modules); this model cannot be sharded layer by layer"
+        )
+    return layers
+
+
+class FSDP2Strategy:
+    collective_forward = True
+
+    def __init__(self, recipe: Recipe, dist: DistEnv) -> None:
+        self.recipe = recipe
+        self.dist = dist
+        self.cfg = recipe.strategy.fsdp
+        ensure_process_group(dist)
+        self.mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+
+    def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        cfg = self.cfg
+        param_dtype = cfg.param_dtype
+        if param_dtype == "auto":
+            param_dtype = "bfloat16" if self.recipe.train.precision == "bf16" else "float32"
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+        offload: OffloadPolicy = (
+            CPUOffloadPolicy(pin_memory=self.dist.device.type == "cuda")
+            if cfg.cpu_offload
+            else OffloadPolicy()
+        )
+        layers = decoder_layers(model)
+        if cfg.activation_checkpointing:
+            layers = [_checkpointed(model, layer) for layer in layers]
+        for layer in layers:
+            fully_shard(
+                layer,
+                mesh=self.mesh,
+                reshard_after_forward=cfg.reshard_after_forward,
+                mp_policy=mp,
+                offload_policy=offload,
+            )
+        # The root holds embeddings, final norm and the (possibly tied) head; it is needed again right away
+        # in the backward, so it stays gathered after the forward.
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
+        # The optimizer is built on the sharded parameters (DTensors), so its state is sharded too.
+        return model, build_optimizer(model, self.recipe.optim)
+
+    @contextlib.contextmanager
+    def accumulating(self, model: torch.nn.Module, last_micro_batch: bool) -> Iterator[None]:
+        assert isinstance(model, FSDPModule)
+        # Before the last micro-batch gradients accumulate unsharded on each rank (no reduce-scatter),
+        # unless the recipe prefers sharded gradients to less communication.
+        model.set_requires_gradient_sync(last_micro_batch or self.cfg.sync_every_micro_batch)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # FSDP averages gradients over ranks; the loss contract wants their sum.
+        (loss * self.dist.world_size).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
+        # Each rank holds a shard of every gradient: the local norms combine into the global one.
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(values, self.dist.device)
+
+    def _options(self, **kw: Any) -> StateDictOptions:
+        # LoRA: only the adapter is trained, so only the adapter is saved and gathered.
+        return StateDictOptions(ignore_frozen_params=adapter_only(self.recipe), **kw)
+
+    def save_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options())
+        # Sharded: each rank writes its own shards; the metadata lets any world size read them back.
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder / "dcp")
+        write_meta(folder, self.dist, "fsdp2")
+
+    def load_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        check_meta(folder, self.dist, "fsdp2", reshardable=True)
+        if not (folder / "dcp" / ".metadata").is_file():
+            raise SftError(f"checkpoint {folder} has no dcp/.metadata; it is not an fsdp2 checkpoint")
+        # get_state_dict creates the optimizer state (a zero step) so there is something to load into.
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options())
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=folder / "dcp")
+        # Not strict: a LoRA checkpoint holds no frozen weights; the check below still catches a mismatch.
+        result = set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=self._options(strict=False),
+        )
+        frozen = {_fqn(n) for n, p in model.named_parameters() if not p.requires_grad}
+        missing = [k for k in result.missing_keys if _fqn(k) not in frozen]
+        if missing or result.unexpected_keys:
+            raise SftError(
+                f"checkpoint {folder} does not match the model (e.g. {(missing or result.unexpected_keys)[0]})"
+            )
+
+    def export(self, folder: Path, model: Any, tokenizer: Any) -> None:
+        # Every rank takes part in the gather; rank 0 receives the full tensors in CPU memory.
+        state: dict[str, Any] = get_model_state_dict(
+            model, options=self._options(full_state_dict=True, cpu_offload=True)
+        )
+        if self.dist.is_main:
+            save_hf_folder(self.recipe, folder, model, state, tokenizer)
+
+    def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # fully_shard changes the model in place; its forward gathers what it needs
+
+
+def _checkpointed(root: torch.nn.Module, layer: torch.nn.Module) -> torch.nn.Module:
+    """Replace `layer` inside `root` by an activation-checkpointing wrapper (before sharding, so the
+    recompute in the backward gathers the layer's weights again)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for parent in root.modules():
+        for name, child in parent.named_children():
+            if child is layer:
+                wrapped = checkpoint_wrapper(layer)
+                parent.register_module(name, wrapped)
+                return wrapped
+    raise AssertionError("layer not found in its model")
+
+
+def _fqn(name: str) -> str:
+    """A parameter's name as saved: without the activation-checkpointing wrapper's prefix."""
+    return name.replace("_checkpoint_wrapped_module.", "")
