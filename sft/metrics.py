@@ -76,6 +76,7 @@ class Metrics:
             return
         if self.bar is not None:
             self.bar.write(text, file=sys.stdout)  # clears the bar (on stderr), prints, redraws it
+            sys.stdout.flush()  # keep the order of log lines when stdout is a file
         else:
             print(text, flush=True)
 
