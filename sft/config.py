@@ -427,21 +427,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:  
     where = str(path) if path else "recipe"
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise SftError(f"{p}: recipe file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise SftError(f"{p}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise SftError(f"{p}: a recipe is a mapping of sections (model:, data:, train: ...)")
-        raw = loaded or {}
+        raw = read_yaml_mapping(
+            Path(path), "recipe file", "a recipe is a mapping of sections (model:, data:, train: ...)"
+        )
     for item in overrides:
         apply_override(raw, item)
     return validate_recipe(raw, where)
+
+
+def read_yaml_mapping(path: Path, what: str, shape: str) -> dict[str, Any]:
+    """Load a YAML file that must hold a mapping; every problem is one SftError naming the file (and line)."""
+    if not path.is_file():
+        raise SftError(f"{path}: {what} not found")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise SftError(f"{path}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise SftError(f"{path}: {shape}")
+    return loaded or {}
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -110,8 +110,11 @@ class DataPipeline:
         return self._packed([item for g in groups for item in g], t.grad_accum)
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
-        """This rank's share of the eval set (every rank gets a disjoint slice)."""
-        mine = list(range(self.rank, len(self.eval_samples), self.world_size))
+        """This rank's share of the eval set: disjoint slices of equal size, because under sharded
+        strategies every forward is a collective and ranks with different batch counts would hang.
+        The last `len % world_size` samples (fewer than the number of ranks) are left out."""
+        usable = len(self.eval_samples) - len(self.eval_samples) % self.world_size
+        mine = list(range(self.rank, usable, self.world_size))
         size = self.recipe.eval.batch_size
         chunks = [mine[i : i + size] for i in range(0, len(mine), size)][: self.recipe.eval.max_batches]
         out = []

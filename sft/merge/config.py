@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sft.config import read_yaml_mapping
 from sft.errors import SftError
 
 Method = Literal["lora", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
@@ -212,18 +213,9 @@ def load_merge_config(path: str | Path | None, overrides: list[str] | tuple[str,
     where = str(path) if path else "merge config"
     raw: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise SftError(f"{p}: merge config not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise SftError(f"{p}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise SftError(f"{p}: a merge config is a mapping (method:, models:, output: ...)")
-        raw = loaded or {}
+        raw = read_yaml_mapping(
+            Path(path), "merge config", "a merge config is a mapping (method:, models:, output: ...)"
+        )
     for item in overrides:
         apply_override(raw, item)
     return validate_merge_config(raw, where)
