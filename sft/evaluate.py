@@ -41,12 +41,15 @@ def generate_answers(
     device = next(model.parameters()).device
     out = []
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+        else:  # a base model without a chat template: continue the prompt as plain text
+            ids = tokenizer(prompt, return_tensors="pt")
         ids = {k: v.to(device) for k, v in ids.items()}
         with autocast(device, precision):
             gen = model.generate(

@@ -157,3 +157,18 @@ def test_a_row_longer_than_any_policy_allows_is_a_bad_row(tmp_path: Path, tokeni
         [DataSource(path=str(path))], tokenizer, DataConfig(max_seq_len=64, on_overflow="split")
     )
     assert len(samples) == 1 and stats.total.split_rows == 1 and stats.total.empty_chunks > 0
+
+
+def test_a_tokenizer_without_chat_template_fails_only_for_chat_rows(tokenizer: Any) -> None:
+    import copy
+
+    from sft.data.chat import tokenize_plain
+
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None  # a base (not instruct) model's tokenizer
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(SftError, match="no chat template, so chat rows cannot be rendered"):
+        tokenize_chat(base, messages)
+    # raw text needs no template: every token after the first is trained
+    s = tokenize_plain(base, "Now is the winter of our discontent", None, "all", add_eos=True)
+    assert s.input_ids[-1] == base.eos_token_id and s.labels[1:] == s.input_ids[1:]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sft.data.formats import BadRow
+from sft.errors import SftError
 
 IGNORE_INDEX = -100
 
@@ -27,6 +28,11 @@ def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tupl
     def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
+    if not getattr(tokenizer, "chat_template", None):
+        raise SftError(
+            "the model's tokenizer has no chat template, so chat rows cannot be rendered; "
+            "use an instruct model's tokenizer, or train raw text with format: text"
+        )
     text = render(messages, False)
     spans = []
     for i, m in enumerate(messages):

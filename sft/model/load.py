@@ -49,9 +49,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
-        raise SftError(f"model: the tokenizer of {cfg.name} has no chat template; chat data needs one")
-    return tok
+    return tok  # a missing chat template is an error only where chat rows are rendered (sft/data/chat.py)
 
 
 def load_model(cfg: ModelConfig, device: torch.device, quant: QuantConfig | None = None) -> torch.nn.Module:
