@@ -72,3 +72,21 @@ def tiny_recipe(model_dir: Path, output_dir: Path, **overrides: Any) -> Any:
     for key, value in overrides.items():
         apply_override(raw, f"{key.replace('__', '.')}={value}")
     return validate_recipe(raw)
+
+
+class StopAfter:
+    """Stands in for the signal flag: asks to stop once `n` steps have run (deterministic preemption)."""
+
+    calls = 0
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.signal_name = "SIGUSR1"
+
+    def install(self) -> None:
+        StopAfter.calls = 0
+
+    @property
+    def requested(self) -> bool:
+        StopAfter.calls += 1
+        return StopAfter.calls >= self.n

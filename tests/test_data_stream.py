@@ -17,7 +17,7 @@ from sft.data.streaming import StreamReader
 from sft.errors import SftError
 from sft.signals import Preempted
 from sft.train import train
-from tests.conftest import tiny_recipe
+from tests.conftest import StopAfter, tiny_recipe
 
 
 def numbered(tmp_path: Path, name: str, n: int) -> Path:
@@ -102,21 +102,6 @@ def test_resume_from_the_saved_position_mid_row(
 def test_streaming_needs_max_steps(tiny_model_dir: Path, tmp_path: Path, tokenizer: Any) -> None:
     with pytest.raises(SftError, match="needs train.max_steps"):
         DataPipeline(stream_recipe(tiny_model_dir, tmp_path, train__max_steps="null"), tokenizer)
-
-
-class StopAfter:
-    calls = 0
-
-    def __init__(self, n: int) -> None:
-        self.n, self.signal_name = n, "SIGUSR1"
-
-    def install(self) -> None:
-        StopAfter.calls = 0
-
-    @property
-    def requested(self) -> bool:
-        StopAfter.calls += 1
-        return StopAfter.calls >= self.n
 
 
 def test_streaming_run_preempted_and_resumed_is_bit_exact(

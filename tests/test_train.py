@@ -19,7 +19,7 @@ from sft.checkpoint import latest_checkpoint
 from sft.cli import main
 from sft.signals import PREEMPTED_EXIT_CODE, Preempted
 from sft.train import train
-from tests.conftest import tiny_recipe
+from tests.conftest import StopAfter, tiny_recipe
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -77,24 +77,6 @@ def test_lora_step_changes_only_adapter_weights(tiny_model_dir: Path, tmp_path: 
     assert changed and all("lora_" in n for n in changed)
     assert {n for n in before if "lora_" in n} == changed  # every adapter matrix trained
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_" not in n)
-
-
-class StopAfter:
-    """Stands in for the signal flag: asks to stop once `n` steps have run (deterministic preemption)."""
-
-    calls = 0
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.signal_name = "SIGUSR1"
-
-    def install(self) -> None:
-        StopAfter.calls = 0
-
-    @property
-    def requested(self) -> bool:
-        StopAfter.calls += 1
-        return StopAfter.calls >= self.n
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
