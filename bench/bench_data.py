@@ -1,11 +1,13 @@
 """Data pipeline benchmark: tokenize + pack speed, padding with and without packing, packed vs padded training.
 
-1. rows/s to tokenize (chat template + loss mask, or raw text + split) and to pack + collate every step of an
-   epoch, on >= 10k rows (the built-in data repeated), without the cache;
-2. the padding fraction of the built-in data, padded vs packed (and packed by best-fit decreasing, the
-   classic choice, for comparison) at a few batch shapes;
-3. trained tokens/s of a few LoRA steps on the built-in model, padded vs packed rows vs one flat packed row
-   (flash attention's layout), on the very same samples.
+1. rows/s to tokenize (chat template + loss mask, or raw text + split) and to pack (rows mode, the default)
+   + collate every step of an epoch, on >= 10k rows (the built-in data repeated), without the cache;
+2. the padding fraction of the built-in data, padded vs packed rows (packing_mode=rows) vs each step's
+   samples packed among themselves (packing_mode=batch; and by plain best-fit decreasing for comparison)
+   at a few batch shapes;
+3. trained tokens/s of a few LoRA steps on the built-in model at the same train.micro_batch_size: padded
+   samples, packed rows, one step's samples packed (the padded run's very samples), and packed rows as one
+   flat row (flash attention's layout, run by sdpa here).
 
     python bench/bench_data.py [--rows 10000] [--steps 4] [--micro 8] [--seq 512]
 """
@@ -43,9 +45,8 @@ def repeated_file(spec: str, rows: int, folder: Path) -> Path:
 def tokenize_and_pack_speed(tokenizer: Any, args: argparse.Namespace) -> None:
     from sft.data.collate import pack_collate
     from sft.data.mixture import Mixture
-    from sft.data.pack import pack
     from sft.data.prepare import read_source
-    from sft.data.sampler import StepSampler
+    from sft.data.sampler import RowSampler
     from sft.data.sources import open_source
 
     print(f"\n## tokenize + pack, {args.rows} rows, max_seq_len {args.seq}, {args.micro} samples per step\n")
@@ -61,42 +62,28 @@ def tokenize_and_pack_speed(tokenizer: Any, args: argparse.Namespace) -> None:
             start = time.perf_counter()
             store, stats = read_source(open_source(r.data.train[0]), tokenizer, r.data)
             t_tok = time.perf_counter() - start
-            sampler = StepSampler(0, args.micro, 1, mixture=Mixture([len(store)], None, 0, True))
             start = time.perf_counter()
+            sampler = RowSampler(Mixture([len(store)]), store.lengths, args.seq, 2048, args.micro, 1)
             for step in range(sampler.steps_per_epoch):
-                items = [store.ids_labels(i) for mb in sampler.micro_batches(step) for i in mb]
-                for part in pack([len(ids) for ids, _ in items], args.seq, 1):
-                    pack_collate([[items[i] for i in row] for row in part], 0)
+                for mb in sampler.micro_batches(step):
+                    pack_collate([[store.ids_labels(i) for i in row] for row in mb], 0)
             t_pack = time.perf_counter() - start
-            n = sampler.steps_per_epoch * args.micro
+            n = len(store)
             print(
                 f"| {spec} | {stats.rows / t_tok:,.0f} | {n / t_pack:,.0f} | {stats.rows / (t_tok + t_pack):,.0f} "
                 f"| {stats.samples:,} | {stats.tokens:,} |"
             )
 
 
-def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    rows: list[list[int]] = []
-    loads: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        fits = [r for r, load in enumerate(loads) if load + lengths[i] <= capacity]
-        if fits:
-            r = max(fits, key=lambda r: loads[r])  # the fullest row that still fits
-            rows[r].append(i)
-            loads[r] += lengths[i]
-        else:
-            rows.append([i])
-            loads.append(lengths[i])
-    return rows
-
-
 def padding_table(tokenizer: Any) -> None:
-    from sft.data.pack import deal, slots
+    from sft.data.pack import best_fit, deal, slots
     from sft.data.pipeline import DataPipeline
 
     print("\n## padding fraction (first 200 steps of epoch 0, one rank)\n")
-    print("| data | max_seq_len | micro x accum | padded | packed | packed, best-fit decreasing |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| data | max_seq_len | micro x accum | padded | packed rows | step's samples packed | same, best-fit decreasing |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     cases = [
         ("builtin:jargon/train", 512, 8, 1),
         ("builtin:jargon/train", 512, 8, 4),
@@ -117,15 +104,16 @@ def padding_table(tokenizer: Any) -> None:
         ]
         padded = DataPipeline(recipe(*common), tokenizer)
         packed = DataPipeline(recipe(*common, "data.packing=true"), tokenizer)
+        batch = DataPipeline(recipe(*common, "data.packing=true", "data.packing_mode=batch"), tokenizer)
         assert padded.sampler is not None
         real = total = 0
         for step in range(min(200, padded.steps_per_epoch)):
             lengths = [int(padded.train.lengths[i]) for mb in padded.sampler.micro_batches(step) for i in mb]
             real += sum(lengths)
-            total += slots(deal(best_fit_decreasing(lengths, seq), accum), lengths)
+            total += slots(deal(best_fit(lengths, seq), accum), lengths)
         print(
             f"| {spec} | {seq} | {micro} x {accum} | {padded.padding_fraction():.1%} | {packed.padding_fraction():.1%} "
-            f"| {1 - real / total:.1%} |"
+            f"| {batch.padding_fraction():.1%} | {1 - real / total:.1%} |"
         )
 
 
@@ -135,16 +123,18 @@ def training_speed(tokenizer: Any, args: argparse.Namespace) -> None:
     from sft.model.load import add_lora, load_model
 
     print(
-        f"\n## LoRA training on the built-in model: {args.steps} steps (after 1 warm-up) of the same "
-        f"{args.micro} samples per step, max_seq_len {args.seq}, {torch.get_num_threads()} threads\n"
+        f"\n## LoRA training on the built-in model: {args.steps} steps (after 1 warm-up), "
+        f"train.micro_batch_size {args.micro}, max_seq_len {args.seq}, {torch.get_num_threads()} threads\n"
     )
     common = [f"data.max_seq_len={args.seq}", f"train.micro_batch_size={args.micro}", "data.cache=true"]
+    packed = [*common, "data.packing=true"]
     layouts = {
-        "padded": DataPipeline(recipe(*common), tokenizer),
-        "packed rows": DataPipeline(recipe(*common, "data.packing=true"), tokenizer),
-        "packed, one flat row": DataPipeline(recipe(*common, "data.packing=true"), tokenizer),
+        "padded samples": DataPipeline(recipe(*common), tokenizer),
+        "packed rows": DataPipeline(recipe(*packed), tokenizer),
+        "step's samples packed": DataPipeline(recipe(*packed, "data.packing_mode=batch"), tokenizer),
+        "packed rows, one flat row": DataPipeline(recipe(*packed), tokenizer),
     }
-    layouts["packed, one flat row"].flat = True  # flash attention's layout; here run by sdpa on CPU
+    layouts["packed rows, one flat row"].flat = True  # flash attention's layout; here run by sdpa on CPU
     r = recipe(*common)
     torch.manual_seed(0)
     model = add_lora(load_model(r.model, torch.device("cpu")), r.lora)

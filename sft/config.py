@@ -112,7 +112,13 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed row stops the run naming file and row, or is skipped and counted."""
     packing: bool = False
-    """Pack each rank's samples of a step into rows of max_seq_len; samples never attend to each other."""
+    """Put several samples in each row of up to max_seq_len tokens; samples never attend to each other."""
+    packing_mode: Literal["rows", "batch"] = "rows"
+    """rows: fill rows from the epoch's samples, and train.micro_batch_size counts rows (least padding);
+    batch: each step keeps an unpacked run's samples (micro_batch_size counts samples), packed among themselves."""
+    packing_window: int = Field(2048, gt=0)
+    """With packing_mode=rows: samples packed together at a time (more fill rows better, fewer keep the
+    shuffled order closer)."""
     shuffle: bool = True
     streaming: bool = False
     """Read training rows as a stream instead of tokenizing all first (needs train.max_steps)."""
@@ -386,6 +392,12 @@ class Recipe(Section):
                 raise ValueError(
                     f"method=qlora under fsdp2 needs quant.storage_dtype={self.model.dtype} (= model.dtype): FSDP2 "
                     f"shards float tensors of one dtype, and quant.storage_dtype={q.storage_dtype} is not"
+                )
+            if s.fsdp.param_dtype not in ("auto", q.storage_dtype):
+                raise ValueError(
+                    f"method=qlora under fsdp2 gathers the packed 4-bit weights as stored ({q.storage_dtype}); "
+                    f"strategy.fsdp.param_dtype={s.fsdp.param_dtype} would cast their bytes into other numbers; "
+                    "use param_dtype=auto (train.precision sets the compute dtype)"
                 )
             if self.lora.use_dora:
                 raise ValueError(

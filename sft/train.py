@@ -52,7 +52,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe.model)
     data = DataPipeline(recipe, tokenizer, dist.rank, dist.world_size)
     t = recipe.train
-    total_steps = t.max_steps or t.epochs * data.steps_per_epoch
+    total_steps = t.max_steps or data.total_steps(t.epochs)
 
     # ---- 2. Model, strategy, optimizer, schedule.
     model = build_model(recipe, dist.device)

@@ -90,3 +90,8 @@ class StopAfter:
     def requested(self) -> bool:
         StopAfter.calls += 1
         return StopAfter.calls >= self.n
+
+
+def flatten(mb: list[Any]) -> list[int]:
+    """Sample indices of a micro-batch: a list of them (batch mode) or of rows of them (rows mode)."""
+    return [i for x in mb for i in (x if isinstance(x, list) else [x])]

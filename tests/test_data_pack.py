@@ -21,7 +21,7 @@ from sft.data.collate import Item, flat_collate, pack_collate, pad_collate, real
 from sft.data.pack import fill_rows, pack, slots
 from sft.loss import count_targets, loss_sum
 from sft.train import train
-from tests.conftest import tiny_recipe
+from tests.conftest import flatten, tiny_recipe
 
 
 def items(tokenizer: Any, n: int, max_len: int = 96, path: str = "builtin:jargon/eval") -> list[Item]:
@@ -153,7 +153,12 @@ def test_packed_run_follows_the_unpacked_run(tiny_model_dir: Path, tmp_path: Pat
     runs = {}
     for name, kw in {
         "padded": {},
-        "packed_accum": {"data__packing": "true", "train__micro_batch_size": 2, "train__grad_accum": 2},
+        "packed_accum": {
+            "data__packing": "true",
+            "data__packing_mode": "batch",
+            "train__micro_batch_size": 2,
+            "train__grad_accum": 2,
+        },
     }.items():
         out = tmp_path / name
         train(tiny_recipe(tiny_model_dir, out, method="full", data__max_seq_len=128, data__eval="[]", **kw))
@@ -164,26 +169,36 @@ def test_packed_run_follows_the_unpacked_run(tiny_model_dir: Path, tmp_path: Pat
             assert abs(loss - runs["padded"][step]) <= 1e-5 * loss, (name, step)
 
 
+@pytest.mark.parametrize("mode", ["rows", "batch"])
 def test_no_token_lost_or_duplicated_by_the_pipeline(
-    tiny_model_dir: Path, tokenizer: Any, tmp_path: Path
+    tiny_model_dir: Path, tokenizer: Any, tmp_path: Path, mode: str
 ) -> None:
     from sft.data.pipeline import DataPipeline
 
     recipe = tiny_recipe(
-        tiny_model_dir, tmp_path, data__packing="true", data__max_seq_len=128, train__grad_accum=3
+        tiny_model_dir,
+        tmp_path,
+        data__packing="true",
+        data__packing_mode=mode,
+        data__max_seq_len=128,
+        train__grad_accum=3,
     )
     data = DataPipeline(recipe, tokenizer)
     assert data.sampler is not None
     for step in (0, 1, data.steps_per_epoch + 2):
         wanted: Counter[tuple[int, ...]] = Counter()
         for mb in data.sampler.micro_batches(step):
-            for i in mb:
+            for i in flatten(mb):
                 ids, _ = data.train.ids_labels(i)
                 wanted[tuple(ids.tolist())] += 1
         got: Counter[tuple[int, ...]] = Counter()
         batches = data.micro_batches(step)
         assert len(batches) == 3
         for b in batches:
+            if mode == "rows":
+                assert (
+                    b["input_ids"].shape[0] == recipe.train.micro_batch_size
+                )  # micro_batch_size counts rows
             for row, pos in zip(b["input_ids"], b["position_ids"], strict=True):
                 starts = [i for i in range(len(pos)) if pos[i] == 0 and i + 1 < len(pos) and pos[i + 1] == 1]
                 ends = [*starts[1:], len(pos)]
@@ -191,3 +206,46 @@ def test_no_token_lost_or_duplicated_by_the_pipeline(
                     n = int(pos[s:e].max()) + 1  # the sample's length; the rest of the span is padding
                     got[tuple(row[s : s + n].tolist())] += 1
         assert got == wanted
+
+
+def test_rows_mode_packs_every_sample_of_an_epoch_once_into_nearly_full_rows(
+    tiny_model_dir: Path, tokenizer: Any, tmp_path: Path
+) -> None:
+    """Rows mode on the built-in chat data at 512 tokens: each epoch's rows hold its samples exactly once,
+    each row within max_seq_len, padding under 2%; the 2 ranks' rows are disjoint and cover the epoch but for
+    the rows left over; epochs differ, and the total step count follows their row counts."""
+    from sft.data.pipeline import DataPipeline
+
+    def pipe(rank: int) -> DataPipeline:
+        recipe = tiny_recipe(
+            tiny_model_dir,
+            tmp_path,
+            data__packing="true",
+            data__max_seq_len=512,
+            data__packing_window=1000,
+            train__micro_batch_size=4,
+            train__grad_accum=2,
+        )
+        return DataPipeline(recipe, tokenizer, rank, 2)
+
+    ranks = [pipe(0), pipe(1)]
+    s = ranks[0].sampler
+    assert s is not None and hasattr(s, "epoch_rows")
+    lengths = ranks[0].train.lengths
+    for epoch in (0, 1):
+        rows = s.epoch_rows(epoch)
+        assert sorted(i for row in rows for i in row) == sorted(s.epoch_order(epoch))
+        assert all(sum(int(lengths[i]) for i in row) <= 512 for row in rows)
+        fill = sum(int(lengths[i]) for row in rows for i in row) / (512 * len(rows))
+        assert fill > 0.98, fill
+    assert s.epoch_rows(0) != s.epoch_rows(1)
+    assert ranks[0].padding_fraction() < 0.02
+    assert ranks[0].total_steps(2) == s.steps_in_epoch(0) + s.steps_in_epoch(1)
+    seen: list[int] = []
+    for rank in ranks:
+        for step in range(rank.steps_per_epoch):
+            seen += [i for mb in rank.sampler.micro_batches(step) for i in flatten(mb)]  # type: ignore[union-attr]
+    assert len(seen) == len(set(seen))  # disjoint across steps and ranks
+    assert len(seen) == len(s.epoch_order(0)) - sum(len(r) for r in s.epoch_rows(0)[-s.dropped_per_epoch :])
+    second = ranks[0].sampler.micro_batches(s.steps_in_epoch(0))  # type: ignore[union-attr]
+    assert second[0][0] == s.epoch_rows(1)[0]  # the first step of epoch 1 starts its rows

@@ -68,11 +68,13 @@ def stream_recipe(tiny_model_dir: Path, out: Path, **kw: Any) -> Any:
     return tiny_recipe(tiny_model_dir, out, **{**base, **kw})
 
 
-@pytest.mark.parametrize("packing", ["false", "true"])
+@pytest.mark.parametrize("packing", ["false", "batch", "rows"])
 def test_resume_from_the_saved_position_mid_row(
     tiny_model_dir: Path, tmp_path: Path, tokenizer: Any, packing: str
 ) -> None:
-    recipe = stream_recipe(tiny_model_dir, tmp_path, data__packing=packing)
+    kw = {} if packing == "false" else {"data__packing": "true", "data__packing_mode": packing}
+    # rows: windows of 10 samples, so 3 steps end inside the second window
+    recipe = stream_recipe(tiny_model_dir, tmp_path, data__packing_window=10, **kw)
     whole = DataPipeline(recipe, tokenizer)
     batches = [whole.micro_batches(k) for k in range(6)]
     first = DataPipeline(recipe, tokenizer)
@@ -82,6 +84,8 @@ def test_resume_from_the_saved_position_mid_row(
     assert (
         state["ranks"][0]["sources"][0]["used"] > 0
     )  # a Shakespeare row gives many chunks: stopped inside one
+    if packing == "rows":  # the position is the current window's start, plus the rows of it served
+        assert state["ranks"][0]["window"]["number"] == 1 and state["ranks"][0]["window"]["served"] > 0
     resumed = DataPipeline(recipe, tokenizer)
     resumed.load_state_dict(state)
     for k in range(3, 6):

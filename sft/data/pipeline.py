@@ -3,11 +3,13 @@
 The loop asks only `micro_batches(step)` and `eval_batches()`; how rows are read, formatted, tokenized,
 packed and ordered stays behind this seam.
 
-Packing changes the layout of a step, never its content: `train.micro_batch_size` counts samples with or
-without packing, so a step trains the same samples either way (the sampler's choice, independent of how the
-global batch is split). Each rank packs its micro_batch_size x grad_accum samples of the step into rows of at
-most `max_seq_len` tokens and deals the rows into grad_accum micro-batches. With the token-weighted loss and
-samples that cannot see each other, a packed run follows the unpacked run's loss trajectory.
+Packing (`data.packing`) has two modes. `rows` (the default) packs the epoch's samples into rows as full as
+they go and a step takes `train.micro_batch_size` rows per micro-batch (RowSampler; streamed data is packed a
+window at a time the same way). `batch` changes the layout of a step, never its content:
+`train.micro_batch_size` counts samples, so a step trains the samples an unpacked run would; each rank packs
+its micro_batch_size x grad_accum samples of the step into rows of at most `max_seq_len` tokens and deals the
+rows into grad_accum micro-batches. With the token-weighted loss and samples that cannot see each other, a
+batch-packed run follows the unpacked run's loss trajectory.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 from sft.config import Recipe
 from sft.data.collate import Item, as_item, flat_collate, pack_collate, pad_collate
 from sft.data.mixture import Mixture
-from sft.data.pack import pack, slots
+from sft.data.pack import best_fit, pack, slots
 from sft.data.prepare import load_sources
-from sft.data.sampler import StepSampler
+from sft.data.sampler import RowSampler, StepSampler
 from sft.data.stats import DataStats
 from sft.data.store import ConcatStore
 from sft.data.streaming import StreamReader
@@ -39,13 +41,20 @@ class DataPipeline:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         self.packing = data.packing
+        self.rows_mode = data.packing and data.packing_mode == "rows"
         # flash attention takes packed samples as one flat row (its variable-length kernel); sdpa and eager
         # take rows, masked block-diagonally from the position ids.
         self.flat = recipe.model.attn_implementation == "flash_attention_2"
         self.cache_hits: list[bool] = []
         self.stream: StreamReader | None = None
-        self.sampler: StepSampler | None = None
+        self.sampler: StepSampler | RowSampler | None = None
         self.next_step = 0
+        # streaming rows mode: the current window's packed rows, how many were served, windows read so far,
+        # and the stream's position where the current window began (what a checkpoint records)
+        self._window_rows: list[list[Item]] = []
+        self._served = 0
+        self._windows = 0
+        self._window_start: dict[str, Any] | None = None
         if data.streaming:
             if t.max_steps is None:
                 raise SftError("data.streaming=true needs train.max_steps: a stream has no known length")
@@ -63,19 +72,33 @@ class DataPipeline:
                 data.shuffle,
                 data.epoch_size,
             )
-            self.sampler = StepSampler(
-                self.mixture.epoch_size,
-                t.micro_batch_size,
-                t.grad_accum,
-                world_size,
-                rank,
-                mixture=self.mixture,
-            )
+            if self.rows_mode:
+                self.sampler = RowSampler(
+                    self.mixture,
+                    self.train.lengths,
+                    data.max_seq_len,
+                    data.packing_window,
+                    t.micro_batch_size,
+                    t.grad_accum,
+                    world_size,
+                    rank,
+                )
+                have = f"{self.sampler.rows_in_epoch(0)} packed rows of {data.max_seq_len} tokens"
+            else:
+                self.sampler = StepSampler(
+                    self.mixture.epoch_size,
+                    t.micro_batch_size,
+                    t.grad_accum,
+                    world_size,
+                    rank,
+                    mixture=self.mixture,
+                )
+                have = f"{self.mixture.epoch_size} training samples"
             if self.sampler.steps_per_epoch == 0:
                 raise SftError(
-                    f"data: {self.mixture.epoch_size} training samples do not fill one global batch of "
-                    f"{self.sampler.global_batch} (micro_batch_size x grad_accum x processes); "
-                    "lower train.micro_batch_size or train.grad_accum"
+                    f"data: {have} do not fill one global batch of {self.sampler.global_batch} "
+                    "(micro_batch_size x grad_accum x processes); lower train.micro_batch_size or "
+                    "train.grad_accum"
                 )
         self.eval_stats: DataStats | None = None
         self.eval_samples = ConcatStore([])
@@ -90,20 +113,37 @@ class DataPipeline:
             return int(self.recipe.train.max_steps or 0)
         return self.sampler.steps_per_epoch
 
+    def total_steps(self, epochs: int) -> int:
+        """Steps in `epochs` epochs (with rows packing, epochs differ by a step or so)."""
+        if self.sampler is None:
+            return int(self.recipe.train.max_steps or 0)
+        return self.sampler.total_steps(epochs)
+
     @property
-    def samples_per_step(self) -> int:
+    def units_per_step(self) -> str:
         t = self.recipe.train
-        return t.micro_batch_size * t.grad_accum * self.world_size
+        n = t.micro_batch_size * t.grad_accum * self.world_size
+        return f"{n} packed rows" if self.rows_mode else f"{n} samples"
 
     # ---- batches
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for optimizer step `step` (0-based), on the CPU."""
         t = self.recipe.train
+        if self.rows_mode:
+            if self.stream is not None:
+                parts: list[list[list[Item]]] = self._stream_step(step)
+            else:
+                assert isinstance(self.sampler, RowSampler)
+                parts = [
+                    [[self.train.ids_labels(i) for i in row] for row in mb]
+                    for mb in self.sampler.micro_batches(step)
+                ]
+            return [self._collate_rows(rows) for rows in parts]
         if self.stream is not None:
-            groups = [[as_item(s) for s in g] for g in self._stream_step(step)]
+            groups: list[list[Item]] = self._stream_step(step)
         else:
-            assert self.sampler is not None
+            assert isinstance(self.sampler, StepSampler)
             groups = [[self.train.ids_labels(i) for i in mb] for mb in self.sampler.micro_batches(step)]
         if not self.packing:
             return [pad_collate(g, self.pad_id) for g in groups]
@@ -125,22 +165,53 @@ class DataPipeline:
 
     def _packed(self, items: list[Item], groups: int) -> list[dict[str, torch.Tensor]]:
         parts = pack([len(ids) for ids, _ in items], self.recipe.data.max_seq_len, groups)
+        return [self._collate_rows([[items[i] for i in row] for row in part]) for part in parts]
+
+    def _collate_rows(self, rows: list[list[Item]]) -> dict[str, torch.Tensor]:
         if self.flat:
-            return [flat_collate([items[i] for row in part for i in row]) for part in parts]
-        return [pack_collate([[items[i] for i in row] for row in part], self.pad_id) for part in parts]
+            return flat_collate([item for row in rows for item in row])
+        return pack_collate(rows, self.pad_id)
 
     def _stream_step(self, step: int) -> list[list[Any]]:
+        """This rank's micro-batches of streamed samples (or of packed rows, in rows mode) for `step`."""
         assert self.stream is not None
         t = self.recipe.train
         if step < self.next_step:
             raise SftError(f"data: a stream cannot go back to step {step} (it is at step {self.next_step})")
+        take = self._take_rows if self.rows_mode else self._take_samples
         while self.next_step < step:  # no saved position: read past the steps already trained
-            self.stream.take(t.micro_batch_size * t.grad_accum)
+            take(t.micro_batch_size * t.grad_accum)
             self.next_step += 1
-        samples = self.stream.take(t.micro_batch_size * t.grad_accum)
+        units = take(t.micro_batch_size * t.grad_accum)
         self.next_step += 1
         m = t.micro_batch_size
-        return [samples[a * m : (a + 1) * m] for a in range(t.grad_accum)]
+        return [units[a * m : (a + 1) * m] for a in range(t.grad_accum)]
+
+    def _take_samples(self, n: int) -> list[Item]:
+        assert self.stream is not None
+        return [as_item(s) for s in self.stream.take(n)]
+
+    def _take_rows(self, n: int) -> list[list[Item]]:
+        out: list[list[Item]] = []
+        while len(out) < n:
+            if self._served == len(self._window_rows):
+                self._read_window()
+            out.append(self._window_rows[self._served])
+            self._served += 1
+        return out
+
+    def _read_window(self) -> None:
+        """Read the next `packing_window` samples of this rank's stream and pack them into shuffled rows."""
+        assert self.stream is not None
+        data = self.recipe.data
+        self._window_start = self.stream.state_dict()
+        items = self._take_samples(data.packing_window)
+        rows = best_fit([len(ids) for ids, _ in items], data.max_seq_len)
+        seed = (self.recipe.seed * 1_000_003 + self.rank) * 7919 + self._windows
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        self._window_rows = [[items[i] for i in rows[r]] for r in perm]
+        self._served = 0
+        self._windows += 1
 
     # ---- position (streaming only: in-memory data resumes from the step alone)
 
@@ -148,7 +219,9 @@ class DataPipeline:
         """The stream position of every rank (a collective when streaming on several ranks), or None."""
         if self.stream is None:
             return None
-        mine = {"step": self.next_step, **self.stream.state_dict()}
+        mine: dict[str, Any] = {"step": self.next_step, **self.stream.state_dict()}
+        if self._window_start is not None:  # rows mode: reread the current window, skip the rows served
+            mine.update(self._window_start, window={"number": self._windows - 1, "served": self._served})
         ranks = [mine]
         if self.world_size > 1:
             import torch.distributed as tdist
@@ -168,6 +241,11 @@ class DataPipeline:
         mine = state["ranks"][self.rank]
         self.stream.load_state_dict(mine)
         self.next_step = mine["step"]
+        window = mine.get("window")
+        if self.rows_mode and window is not None:
+            self._windows = window["number"]
+            self._read_window()
+            self._served = window["served"]
 
     # ---- statistics
 
@@ -178,6 +256,12 @@ class DataPipeline:
         lengths = self.train.lengths
         real = total = 0
         for step in range(min(steps, self.sampler.steps_per_epoch)):
+            if isinstance(self.sampler, RowSampler):
+                for mb in self.sampler.micro_batches(step):
+                    loads = [sum(int(lengths[i]) for i in row) for row in mb]
+                    real += sum(loads)
+                    total += sum(loads) if self.flat else len(loads) * -(-max(loads) // 8) * 8
+                continue
             groups = [[int(lengths[i]) for i in mb] for mb in self.sampler.micro_batches(step)]
             real += sum(map(sum, groups))
             total += batch_slots(groups, self.recipe.data.max_seq_len, self.packing, self.flat)
@@ -188,15 +272,18 @@ class DataPipeline:
             sources = ", ".join(s.path for s in self.recipe.data.train)
             lines = [
                 f"train data: streamed from {sources}, each rank its own rows in file order; "
-                f"{self.samples_per_step} samples per step; {len(self.eval_samples)} eval samples"
+                f"{self.units_per_step} per step; {len(self.eval_samples)} eval samples"
             ]
         else:
             lines = [f"train data: {self.train_stats.summary()}"]
         if self.sampler is not None:
             s = self.sampler
+            unit = "rows" if self.rows_mode else "samples"
+            if isinstance(s, RowSampler):
+                lines[0] += f"; {s.rows_in_epoch(0)} packed rows of <= {self.recipe.data.max_seq_len} tokens"
             lines[0] += (
-                f"; {len(self.eval_samples)} eval samples; {s.global_batch} samples per step, "
-                f"{s.steps_per_epoch} steps per epoch, {s.dropped_per_epoch} samples left out per epoch"
+                f"; {len(self.eval_samples)} eval samples; {s.global_batch} {unit} per step, "
+                f"{s.steps_per_epoch} steps per epoch, {s.dropped_per_epoch} {unit} left out per epoch"
             )
             layout = "packed rows" if self.packing else "padded rows"
             lines[0] += f"; {layout}, {self.padding_fraction():.1%} padding"
