@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -493,24 +493,16 @@ def validate_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise SftError(_describe(e, where)) from None
+        raise SftError(describe_validation_error(e, where, Recipe)) from None
 
 
-def _describe(e: ValidationError, where: str) -> str:
+def describe_validation_error(e: ValidationError, where: str, root: type[BaseModel]) -> str:
     """One line for the first problem: the dotted key, what is wrong, and the closest valid key."""
     err = e.errors()[0]
     loc = [str(x) for x in err["loc"]]
     key = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        model: type[BaseModel] = Recipe
-        for part in loc[:-1]:
-            field = model.model_fields.get(part)
-            ann = getattr(field, "annotation", None)
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                model = ann
-            else:
-                break
-        valid = list(model.model_fields)
+        valid = list(_section_model(root, loc[:-1]).model_fields)
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         hint = (
             f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?"
@@ -518,9 +510,25 @@ def _describe(e: ValidationError, where: str) -> str:
             else f"valid keys: {', '.join(valid)}"
         )
         return f"{where}: unknown key '{key}'; {hint}"
+    if err["type"] == "missing":
+        return f"{where}: '{key}' is required"
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:  # a check across sections: the message names its keys
         return f"{where}: {msg}"
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     return f"{where}: {key}: {msg}{shown}"
+
+
+def _section_model(root: type[BaseModel], path: list[str]) -> type[BaseModel]:
+    """The section (model class) a dotted key path leads to; list indices are skipped."""
+    model = root
+    for part in path:
+        if part.isdigit():
+            continue
+        ann = getattr(model.model_fields.get(part), "annotation", None)
+        inner = [a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            break
+        model = inner[0]
+    return model

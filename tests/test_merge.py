@@ -120,7 +120,7 @@ def test_config_validation_messages() -> None:
     ok = {"method": "ties", "models": ["a", "b"], "base": "c", "density": 0.5, "output": "o"}
     assert validate_merge_config(ok).models[1].path == "b"
     assert "did you mean 'density'" in err(ok | {"densty": 0.5})
-    assert "did you mean 'weight'" in err(ok | {"models": [{"path": "a", "wieght": 1}]})
+    assert "did you mean 'models.0.weight'" in err(ok | {"models": [{"path": "a", "wieght": 1}]})
     assert "'t' is not used by method ties" in err(ok | {"t": 0.5})
     assert "set 'base: PATH'" in err({k: v for k, v in ok.items() if k != "base"})
     assert "needs 'density'" in err({k: v for k, v in ok.items() if k != "density"})

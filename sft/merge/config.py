@@ -7,7 +7,6 @@ a number in the path picks a list item (`models.1.weight=0.3`). Every problem be
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sft.config import read_yaml_mapping
+from sft.config import describe_validation_error, read_yaml_mapping
 from sft.errors import SftError
 
 Method = Literal["lora", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
@@ -261,23 +260,4 @@ def validate_merge_config(raw: dict[str, Any], where: str = "merge config") -> M
     try:
         return MergeConfig.model_validate(raw)
     except ValidationError as e:
-        raise SftError(_describe(e, where)) from None
-
-
-def _describe(e: ValidationError, where: str) -> str:
-    """One line for the first problem: the dotted key, what is wrong, and the closest valid key."""
-    err = e.errors()[0]
-    loc = [str(x) for x in err["loc"]]
-    key = ".".join(loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        fields = InputModel.model_fields if loc[0] == "models" else MergeConfig.model_fields
-        valid = list(fields)
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
-        return f"{where}: unknown key '{key}'; {hint}"
-    if err["type"] == "missing":
-        return f"{where}: '{key}' is required"
-    msg = err["msg"].removeprefix("Value error, ")
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) or got is None or not loc else f" (got {got!r})"
-    return f"{where}: {key + ': ' if loc else ''}{msg}{shown}"
+        raise SftError(describe_validation_error(e, where, MergeConfig)) from None
