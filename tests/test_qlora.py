@@ -180,6 +180,7 @@ def test_adapter_save_then_load_gives_the_same_logits(tiny_model_dir: Path, tmp_
             "blocksize": 64,
             "compute_dtype": "float32",
             "quant_storage": "uint8",
+            "dtype": "float32",  # the dtype the weights were quantized from (the base's load dtype)
         },
         "method": "qlora",
     }

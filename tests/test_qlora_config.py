@@ -141,6 +141,15 @@ def test_impossible_qlora_combinations_are_rejected(overrides: list[str], expect
             ],
             "lora.use_dora with method=qlora under fsdp2",
         ),
+        (
+            [
+                "strategy.name=fsdp2",
+                "quant.storage_dtype=float32",
+                "train.precision=bf16",
+                "strategy.fsdp.param_dtype=bfloat16",
+            ],
+            "strategy.fsdp.param_dtype=bfloat16 would cast their bytes into other numbers",
+        ),
     ],
 )
 def test_qlora_combinations_with_sharded_strategies(overrides: list[str], expected: str) -> None:
@@ -165,6 +174,17 @@ def test_fsdp_qlora_with_float_storage_validates() -> None:
         ],
     )
     assert r.method == "qlora" and r.quant.storage_dtype == "bfloat16"
+
+
+@needs_sharded
+def test_qlora_fsdp2_recipe_validates() -> None:
+    r = load_recipe(REPO / "recipes" / "qlora_fsdp2.yaml")
+    assert (r.method, r.strategy.name, r.optim.name) == ("qlora", "fsdp2", "adamw")
+    assert r.quant.storage_dtype == r.model.dtype
+    # bf16 autocast over float32 storage: allowed, the packed weights are gathered as float32 (param_dtype auto).
+    assert (
+        load_recipe(REPO / "recipes" / "qlora_fsdp2.yaml", ["train.precision=bf16"]).train.precision == "bf16"
+    )
 
 
 def test_dora_on_4bit_is_allowed_on_one_device() -> None:

@@ -35,6 +35,9 @@ ZERO = {z: ["strategy.name=deepspeed", f"strategy.deepspeed.zero_stage={z}"] for
 BF16 = ["train.precision=bf16"]
 OFFLOAD = ["strategy.deepspeed.offload_optimizer=true", "strategy.deepspeed.offload_params=true"]
 LORA = ["method=lora", "lora.dropout=0.0", "lora.r=4"]
+# NF4 + double quant 4-bit base (the tiny model's linear layers are multiples of the 64-value blocks), packed in
+# float32 storage (= model.dtype) so FSDP2 can shard it; float32 compute keeps the comparison exact.
+QLORA = [*LORA, "method=qlora", "quant.compute_dtype=float32", "quant.storage_dtype=float32"]
 PER_RANK = ["train.micro_batch_size=2", "train.grad_accum=2"]  # x2 ranks = 8 samples, as the reference
 EVAL = ["data.eval=EVAL", "eval.prompts=['What is a kluge?']", "eval.max_new_tokens=4"]
 
@@ -117,6 +120,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Env:
             e.job("single", []),
             e.job("single_bf16", BF16),
             e.job("single_lora", LORA),
+            e.job("single_qlora", QLORA),
+            e.job("single_qlora_bf16", [*QLORA, *BF16]),
+            e.job("fsdp2_qlora_w1_cut", [*FSDP, *QLORA], stop_after=3),
             e.job("fsdp2_w1_cut", FSDP, stop_after=3),
             e.job("zero3_w1_cut", ZERO[3], stop_after=3),
         ],
@@ -160,6 +166,13 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Env:
         e.job("zero2_bf16", [*ZERO[2], *PER_RANK, *BF16]),
         e.job("fsdp2_lora", [*FSDP, *PER_RANK, *LORA], check_export=True),
         e.job("zero3_lora", [*ZERO[3], *PER_RANK, *LORA], check_export=True),
+        # FSDP-QLoRA: packed 4-bit weights sharded, their quantization state whole on every rank.
+        e.job("fsdp2_qlora", [*FSDP, *PER_RANK, *QLORA, *EVAL], check_export=True),
+        # bf16 autocast over a float32 model: the packed weights must still be gathered as float32, uncast.
+        e.job("fsdp2_qlora_bf16", [*FSDP, *PER_RANK, *QLORA, *BF16, "model.gradient_checkpointing=true"]),
+        e.job("fsdp2_qlora_cut", [*FSDP, *PER_RANK, *QLORA], stop_after=3),
+        e.job("fsdp2_qlora_cut", [*FSDP, *PER_RANK, *QLORA, "resume=true"]),
+        e.job("fsdp2_qlora_w1_cut", [*FSDP, *PER_RANK, *QLORA, "resume=true"]),
         # Resume: stop at 3, continue.
         e.job("fsdp2_cut", [*FSDP, *PER_RANK], stop_after=3),
         e.job("fsdp2_cut", [*FSDP, *PER_RANK, "resume=true"]),
@@ -228,9 +241,54 @@ def test_lora_losses_match_and_adapter_exports(env: Env, name: str) -> None:
     assert saved and all("lora_" in k for k in saved)  # only the adapter was gathered and written
 
 
-@pytest.mark.parametrize("name", ["fsdp2", "zero3", "fsdp2_lora", "zero3_lora"])
+@pytest.mark.parametrize("name", ["fsdp2", "zero3", "fsdp2_lora", "zero3_lora", "fsdp2_qlora"])
 def test_export_loads_and_gives_the_sharded_models_logits(env: Env, name: str) -> None:
-    assert env.results[name]["export_max_logit_diff"] <= 1e-4, env.results[name]
+    result = env.results[name]
+    assert result["export_max_logit_diff"] <= 1e-4, result
+    if "lora" in name:  # the adapter moves the logits far more than the export could have missed
+        assert result["export_adapter_effect"] > 100 * max(result["export_max_logit_diff"], 1e-7), result
+    if name == "fsdp2_qlora":
+        assert result["export_4bit_layers"] == 2 * 7, result  # loaded onto a 4-bit base
+
+
+@pytest.mark.parametrize(
+    ("name", "ref", "rtol"),
+    [
+        ("fsdp2_qlora", "single_qlora", FP32_RTOL),
+        ("fsdp2_qlora_cut", "fsdp2_qlora", FP32_RTOL),  # stopped at step 3, resumed: as uninterrupted
+        ("fsdp2_qlora_w1_cut", "single_qlora", FP32_RTOL),  # steps 1-3 on one process, 4-6 on two
+        ("fsdp2_qlora_bf16", "single_qlora_bf16", BF16_RTOL),
+    ],
+)
+def test_fsdp2_qlora_matches_one_process(env: Env, name: str, ref: str, rtol: float) -> None:
+    got = losses(env.out(name))
+    assert list(got) == list(range(1, STEPS + 1))  # no step trained twice or skipped
+    assert_close(losses(env.out(ref)), got, rtol, name)
+    final = env.out(name) / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    saved = load_file(str(final / "adapter_model.safetensors"))
+    reference = load_file(str(env.out(ref) / "final" / "adapter_model.safetensors"))
+    assert saved.keys() == reference.keys() and all("lora_" in k for k in saved)  # never the 4-bit base
+    meta = json.loads((final / "sft_adapter.json").read_text())
+    assert meta["method"] == "qlora" and meta["quantization"] == {
+        "quant_type": "nf4",
+        "double_quant": True,
+        "blocksize": 64,
+        "compute_dtype": "float32",
+        "quant_storage": "float32",
+        "dtype": "float32",
+    }
+    if rtol == FP32_RTOL:
+        for key in saved:
+            assert torch.allclose(saved[key], reference[key], rtol=0, atol=1e-5), key
+    # The checkpoints hold the adapter and its optimizer state, not the frozen 4-bit weights.
+    ckpt = latest_checkpoint(env.out(name))
+    assert ckpt is not None
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = list(FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata)
+    model_keys = [k for k in keys if k.startswith("model.")]
+    assert model_keys and all("lora_" in k for k in model_keys), model_keys[:4]
 
 
 def test_sharded_eval_and_generation_run_on_every_rank(env: Env) -> None:

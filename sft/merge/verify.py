@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sft.merge.plan import Plan
 from sft.merge.sources import FolderSource
+from sft.model.quant import disable_cpu_repack as disable_cpu_repack  # re-exported: tests import it from here
 
 if TYPE_CHECKING:
     import torch
@@ -107,16 +108,6 @@ def load_adapter_model(
     if quant is not None:
         disable_cpu_repack(base)
     return PeftModel.from_pretrained(base, adapter_folder).eval()
-
-
-def disable_cpu_repack(model: torch.nn.Module) -> None:
-    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights for an inference-only kernel on the first
-    eval forward, for good, and later gradients go silently wrong (FACTS.md); keep the plain kernel."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def generate_check(

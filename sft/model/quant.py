@@ -77,17 +77,22 @@ def repacked_layers(model: torch.nn.Module) -> list[str]:
     """Names of 4-bit layers whose weight was repacked for CPU inference (should always be empty)."""
     import bitsandbytes as bnb
 
+    # Under FSDP2 the weight is a DTensor shard without state: the layer's own reference is checked too.
     return [
         name
         for name, m in model.named_modules()
         if isinstance(m, bnb.nn.Linear4bit)
-        and getattr(_quant_state(m.weight), "packing_format_for_cpu", False)
+        and any(
+            getattr(state, "packing_format_for_cpu", False)
+            for state in (_quant_state(m.weight), getattr(m, "quant_state", None))
+        )
     ]
 
 
 def quantization_record(model: torch.nn.Module) -> dict[str, Any] | None:
     """How the base was quantized, read from its first 4-bit layer, for `sft_adapter.json` (the merge reads it):
-    {quant_type, double_quant, blocksize, compute_dtype, quant_storage}; None when nothing is in 4-bit."""
+    {quant_type, double_quant, blocksize, compute_dtype, quant_storage, dtype}; None when nothing is in 4-bit.
+    `dtype` is the dtype the weights were quantized from (and dequantize to): the base's load dtype."""
     layers = linear4bit_layers(model)
     if not layers:
         return None
@@ -101,6 +106,7 @@ def quantization_record(model: torch.nn.Module) -> dict[str, Any] | None:
         "blocksize": int(state.blocksize),
         "compute_dtype": str(compute).removeprefix("torch."),
         "quant_storage": str(layer.weight.dtype).removeprefix("torch."),
+        "dtype": str(state.dtype).removeprefix("torch."),
     }
 
 

@@ -2,6 +2,16 @@
 
 Works on GPUs with NCCL and on CPU with gloo. Parameters, gradients and optimizer state are DTensors sharded
 over all ranks (dim 0); a layer's full weights exist only while it runs.
+
+QLoRA (FSDP-QLoRA): a bitsandbytes 4-bit weight is a `Params4bit` of shape [packed values, 1] whose dtype is
+`quant.storage_dtype`, a float dtype equal to `model.dtype` (the recipe check requires it), so FSDP2 shards
+it along dim 0 like any other weight of the layer. Its quantization state (block scales, code book, shape)
+is not sharded: every rank keeps the whole of it on the `Linear4bit` module (`module.quant_state`, a few
+bits per 64 values). When FSDP2 all-gathers the packed bytes it puts a plain parameter on the module, and
+bitsandbytes' forward re-attaches the module's state to it (`fix_4bit_weight_quant_state_from_module`),
+so the full packed weight and its full state meet on every rank. Casting would scramble packed bytes, so
+the gathered weights keep the storage dtype (`param_dtype` = storage dtype; autocast sets the compute
+dtype); the frozen 4-bit weights are never saved, gathered for export or given to the optimizer.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from sft.errors import SftError
 from sft.optim import build_optimizer
 from sft.strategies.base import adapter_only, check_meta, save_hf_folder, write_meta
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -64,8 +74,12 @@ class FSDP2Strategy:
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         cfg = self.cfg
-        param_dtype = cfg.param_dtype
-        if param_dtype == "auto":
+        param_dtype: str = cfg.param_dtype
+        if self.recipe.method == "qlora":
+            # Gathered as stored: a cast would turn the packed 4-bit bytes into other numbers. The recipe check
+            # allows only auto or this dtype; autocast (train.precision) still decides the compute dtype.
+            param_dtype = _prepare_4bit(model, self.recipe.quant.storage_dtype)
+        elif param_dtype == "auto":
             param_dtype = "bfloat16" if self.recipe.train.precision == "bf16" else "float32"
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
         offload: OffloadPolicy = (
@@ -122,8 +136,19 @@ class FSDP2Strategy:
         # LoRA: only the adapter is trained, so only the adapter is saved and gathered.
         return StateDictOptions(ignore_frozen_params=adapter_only(self.recipe), **kw)
 
-    def save_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _state_dicts(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options())
+        if adapter_only(self.recipe):
+            # ignore_frozen_params misses a frozen weight tied to another (a tied output head is listed under
+            # its second name only): drop every frozen name, or the checkpoint carries a copy of the embeddings.
+            frozen = _frozen_names(model)
+            model_sd = {k: v for k, v in model_sd.items() if _fqn(k) not in frozen}
+        return model_sd, optim_sd
+
+    def save_checkpoint(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model_sd, optim_sd = self._state_dicts(model, optimizer)
         # Sharded: each rank writes its own shards; the metadata lets any world size read them back.
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder / "dcp")
         write_meta(folder, self.dist, "fsdp2")
@@ -133,7 +158,7 @@ class FSDP2Strategy:
         if not (folder / "dcp" / ".metadata").is_file():
             raise SftError(f"checkpoint {folder} has no dcp/.metadata; it is not an fsdp2 checkpoint")
         # get_state_dict creates the optimizer state (a zero step) so there is something to load into.
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=self._options())
+        model_sd, optim_sd = self._state_dicts(model, optimizer)
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=folder / "dcp")
         # Not strict: a LoRA checkpoint holds no frozen weights; the check below still catches a mismatch.
@@ -144,7 +169,7 @@ class FSDP2Strategy:
             optim_state_dict=state["optim"],
             options=self._options(strict=False),
         )
-        frozen = {_fqn(n) for n, p in model.named_parameters() if not p.requires_grad}
+        frozen = _frozen_names(model)
         missing = [k for k in result.missing_keys if _fqn(k) not in frozen]
         if missing or result.unexpected_keys:
             raise SftError(
@@ -163,6 +188,27 @@ class FSDP2Strategy:
         return model  # fully_shard changes the model in place; its forward gathers what it needs
 
 
+def _prepare_4bit(model: torch.nn.Module, storage_dtype: str) -> str:
+    """Check that every 4-bit layer can be sharded and gathered back whole; return the dtype to gather in."""
+    from sft.model.quant import disable_cpu_repack, linear4bit_layers
+
+    for layer in linear4bit_layers(model):
+        weight, state = layer.weight, getattr(layer, "quant_state", None)
+        if weight.dtype != DTYPES[storage_dtype] or weight.ndim != 2 or weight.shape[1] != 1:
+            raise SftError(
+                f"strategy.fsdp2: a 4-bit weight is {weight.dtype} of shape {tuple(weight.shape)}; FSDP2 shards "
+                f"packed weights stored as quant.storage_dtype={storage_dtype}, shape [values, 1]"
+            )
+        if state is None or state is not getattr(weight, "quant_state", None):
+            # bitsandbytes restores a gathered weight's state from the module: it must be the weight's own.
+            raise SftError(
+                "strategy.fsdp2: a 4-bit layer does not keep its weight's quantization state "
+                "(Linear4bit.quant_state); this bitsandbytes version cannot be used with FSDP2"
+            )
+    disable_cpu_repack(model)  # the flag lives on the module and survives sharding; set it before any forward
+    return storage_dtype
+
+
 def _checkpointed(root: torch.nn.Module, layer: torch.nn.Module) -> torch.nn.Module:
     """Replace `layer` inside `root` by an activation-checkpointing wrapper (before sharding, so the
     recompute in the backward gathers the layer's weights again)."""
@@ -175,6 +221,11 @@ def _checkpointed(root: torch.nn.Module, layer: torch.nn.Module) -> torch.nn.Mod
                 parent.register_module(name, wrapped)
                 return wrapped
     raise AssertionError("layer not found in its model")
+
+
+def _frozen_names(model: torch.nn.Module) -> set[str]:
+    """Saved names of the frozen parameters, every name of a tied one included."""
+    return {_fqn(n) for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def _fqn(name: str) -> str:

@@ -90,9 +90,12 @@ def raise_at(call: int, rank: int) -> Any:
     return loss_sum
 
 
-def check_export(recipe: Any) -> float:
+def check_export(recipe: Any) -> dict[str, Any]:
     """Max |logit difference| between the model restored from the last (sharded) checkpoint and the
-    exported Hugging Face folder loaded with from_pretrained (peft for an adapter)."""
+    exported Hugging Face folder loaded with from_pretrained (peft for an adapter; on a 4-bit base for QLoRA).
+
+    For an adapter also how much it moves the logits (so a zero difference is not a vacuous one), and the
+    number of 4-bit layers the loaded base has."""
     from transformers import AutoModelForCausalLM
 
     from sft.dist import init_dist
@@ -112,18 +115,33 @@ def check_export(recipe: Any) -> float:
     with torch.no_grad():
         sharded = model(input_ids=ids).logits.float()
     if not dist.is_main:
-        return 0.0
+        return {}
     if recipe.method == "lora":
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(recipe.model.name, dtype=torch.float32)
         loaded: Any = PeftModel.from_pretrained(base, out / "final")
+    elif recipe.method == "qlora":
+        # The adapter on a 4-bit base loaded as its sft_adapter.json says, outside the harness (merge's loader).
+        from sft.merge.verify import load_adapter_model
+
+        quant = json.loads((out / "final" / "sft_adapter.json").read_text())["quantization"]
+        loaded = load_adapter_model(Path(recipe.model.name), out / "final", quant, quant["dtype"], "cpu")
     else:
         loaded = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     loaded.eval()
+    result: dict[str, Any] = {}
     with torch.no_grad():
         exported = loaded(input_ids=ids).logits.float()
-    return float((sharded - exported).abs().max())
+        if recipe.method in ("lora", "qlora"):
+            from sft.model.quant import linear4bit_layers
+
+            with loaded.disable_adapter():
+                base_only = loaded(input_ids=ids).logits.float()
+            result["export_adapter_effect"] = float((exported - base_only).abs().max())
+            result["export_4bit_layers"] = len(linear4bit_layers(loaded))
+    result["export_max_logit_diff"] = float((sharded - exported).abs().max())
+    return result
 
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +166,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 raise
             result["error"] = str(e)
     if job.get("check_export"):
-        result["export_max_logit_diff"] = check_export(load_recipe(job["recipe"], job.get("overrides", [])))
+        result.update(check_export(load_recipe(job["recipe"], job.get("overrides", []))))
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
 
