@@ -73,12 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    try:
-        from launch import add_launch_arguments
-    except ImportError:  # the launcher is optional while it is being built
-        pass
-    else:
-        add_launch_arguments(p)
+    from launch import add_launch_arguments
+
+    add_launch_arguments(p)
     p.set_defaults(func=_launch)
 
     p = sub.add_parser(
