@@ -92,6 +92,11 @@ class StopAfter:
         return StopAfter.calls >= self.n
 
 
-def flatten(mb: list[Any]) -> list[int]:
-    """Sample indices of a micro-batch: a list of them (batch mode) or of rows of them (rows mode)."""
-    return [i for x in mb for i in (x if isinstance(x, list) else [x])]
+# The quantization record of an NF4 + double quant base with float32 compute (sft_adapter.json's "quantization").
+QUANT = {
+    "quant_type": "nf4",
+    "double_quant": True,
+    "blocksize": 64,
+    "compute_dtype": "float32",
+    "quant_storage": "uint8",
+}

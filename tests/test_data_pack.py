@@ -21,7 +21,7 @@ from sft.data.collate import Item, flat_collate, pack_collate, pad_collate, real
 from sft.data.pack import fill_rows, pack, slots
 from sft.loss import count_targets, loss_sum
 from sft.train import train
-from tests.conftest import flatten, tiny_recipe
+from tests.conftest import tiny_recipe
 
 
 def items(tokenizer: Any, n: int, max_len: int = 96, path: str = "builtin:jargon/eval") -> list[Item]:
@@ -187,10 +187,9 @@ def test_no_token_lost_or_duplicated_by_the_pipeline(
     assert data.sampler is not None
     for step in (0, 1, data.steps_per_epoch + 2):
         wanted: Counter[tuple[int, ...]] = Counter()
-        for mb in data.sampler.micro_batches(step):
-            for i in flatten(mb):
-                ids, _ = data.train.ids_labels(i)
-                wanted[tuple(ids.tolist())] += 1
+        for i in data.sampler.samples(step):
+            ids, _ = data.train.ids_labels(i)
+            wanted[tuple(ids.tolist())] += 1
         got: Counter[tuple[int, ...]] = Counter()
         batches = data.micro_batches(step)
         assert len(batches) == 3
@@ -244,7 +243,7 @@ def test_rows_mode_packs_every_sample_of_an_epoch_once_into_nearly_full_rows(
     seen: list[int] = []
     for rank in ranks:
         for step in range(rank.steps_per_epoch):
-            seen += [i for mb in rank.sampler.micro_batches(step) for i in flatten(mb)]  # type: ignore[union-attr]
+            seen += rank.sampler.samples(step)  # type: ignore[union-attr]
     assert len(seen) == len(set(seen))  # disjoint across steps and ranks
     assert len(seen) == len(s.epoch_order(0)) - sum(len(r) for r in s.epoch_rows(0)[-s.dropped_per_epoch :])
     second = ranks[0].sampler.micro_batches(s.steps_in_epoch(0))  # type: ignore[union-attr]

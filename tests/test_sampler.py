@@ -11,7 +11,7 @@ import torch
 
 from sft.data.mixture import Mixture
 from sft.data.sampler import StepSampler
-from tests.conftest import flatten, tiny_recipe
+from tests.conftest import tiny_recipe
 
 
 def step_samples(sampler_args: dict[str, Any], world: int, step: int) -> list[int]:
@@ -110,8 +110,7 @@ def test_pipeline_resume_mid_epoch_gives_the_very_next_batches(
     s0, s1 = whole[0].sampler, whole[1].sampler
     assert s0 is not None and s1 is not None
     for k in steps:
-        mine = [i for mb in s0.micro_batches(k) for i in flatten(mb)]
-        theirs = [i for mb in s1.micro_batches(k) for i in flatten(mb)]
+        mine, theirs = s0.samples(k), s1.samples(k)
         assert not set(mine) & set(theirs)
         if mode == "batch":
             assert len(mine) == len(theirs) == 8

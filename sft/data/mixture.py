@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def _perm(n: int, seed: int) -> list[int]:
+def seeded_permutation(n: int, seed: int) -> list[int]:
+    """A permutation of range(n) that depends on the seed alone (the same on every machine and rank)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
@@ -40,7 +41,7 @@ class Mixture:
             return self._cache[1]
         if len(self.sizes) == 1 and self.counts == self.sizes:  # the common case: one source, whole
             order = (
-                _perm(self.sizes[0], self.seed * 100_003 + epoch)
+                seeded_permutation(self.sizes[0], self.seed * 100_003 + epoch)
                 if self.shuffle
                 else list(range(self.sizes[0]))
             )
@@ -49,7 +50,7 @@ class Mixture:
             for src, (size, count) in enumerate(zip(self.sizes, self.counts, strict=True)):
                 picked += [self.starts[src] + i for i in self._take(src, size, count, epoch)]
             order = (
-                [picked[i] for i in _perm(len(picked), self.seed * 100_003 + epoch)]
+                [picked[i] for i in seeded_permutation(len(picked), self.seed * 100_003 + epoch)]
                 if self.shuffle
                 else picked
             )
@@ -69,7 +70,9 @@ class Mixture:
         while len(out) < count:
             p, at = divmod(first + len(out), size)
             perm = (
-                _perm(size, (self.seed * 1_000_003 + src) * 7919 + p) if self.shuffle else list(range(size))
+                seeded_permutation(size, (self.seed * 1_000_003 + src) * 7919 + p)
+                if self.shuffle
+                else list(range(size))
             )
             out += perm[at : at + count - len(out)]
         return out

@@ -23,6 +23,8 @@ import bisect
 import heapq
 from collections.abc import Sequence
 
+import numpy as np
+
 EXTRA_ROW_COUNTS = 3  # row counts tried beyond the minimum
 
 
@@ -75,7 +77,7 @@ def deal(rows: list[list[int]], groups: int) -> list[list[list[int]]]:
     return [rows[g::groups] for g in range(groups)]
 
 
-def slots(parts: list[list[list[int]]], lengths: Sequence[int], multiple_of: int = 8) -> int:
+def slots(parts: list[list[list[int]]], lengths: Sequence[int] | np.ndarray, multiple_of: int = 8) -> int:
     """Token slots (real + padding) of micro-batches of packed rows."""
     total = 0
     for part in parts:

@@ -20,7 +20,7 @@ import torch
 
 from sft.config import Recipe
 from sft.data.collate import Item, as_item, flat_collate, pack_collate, pad_collate
-from sft.data.mixture import Mixture
+from sft.data.mixture import Mixture, seeded_permutation
 from sft.data.pack import best_fit, pack, slots
 from sft.data.prepare import load_sources
 from sft.data.sampler import RowSampler, StepSampler
@@ -207,8 +207,9 @@ class DataPipeline:
         self._window_start = self.stream.state_dict()
         items = self._take_samples(data.packing_window)
         rows = best_fit([len(ids) for ids, _ in items], data.max_seq_len)
-        seed = (self.recipe.seed * 1_000_003 + self.rank) * 7919 + self._windows
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        perm = seeded_permutation(
+            len(rows), (self.recipe.seed * 1_000_003 + self.rank) * 7919 + self._windows
+        )
         self._window_rows = [[items[i] for i in rows[r]] for r in perm]
         self._served = 0
         self._windows += 1
@@ -258,9 +259,9 @@ class DataPipeline:
         for step in range(min(steps, self.sampler.steps_per_epoch)):
             if isinstance(self.sampler, RowSampler):
                 for mb in self.sampler.micro_batches(step):
-                    loads = [sum(int(lengths[i]) for i in row) for row in mb]
-                    real += sum(loads)
-                    total += sum(loads) if self.flat else len(loads) * -(-max(loads) // 8) * 8
+                    tokens = sum(int(lengths[i]) for row in mb for i in row)
+                    real += tokens
+                    total += tokens if self.flat else slots([mb], lengths)
                 continue
             groups = [[int(lengths[i]) for i in mb] for mb in self.sampler.micro_batches(step)]
             real += sum(map(sum, groups))

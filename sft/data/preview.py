@@ -37,9 +37,7 @@ def preview(recipe: Recipe, n: int = 3, color: bool | None = None) -> str:
     data = DataPipeline(recipe, tokenizer)
     lines = []
     if data.sampler is not None:
-        # the first step's samples, in its rows when packing by rows
-        step = [x if isinstance(x, list) else [x] for mb in data.sampler.micro_batches(0) for x in mb]
-        order = [i for row in step for i in row][:n]
+        order = data.sampler.samples(0)[:n]  # the first step's samples (in their rows when packing by rows)
         shown = [(recipe.data.train[data.train.locate(i)[0]].path, *data.train.ids_labels(i)) for i in order]
     else:  # a stream: a reader of its own, so the pipeline still starts at the first sample
         from sft.data.streaming import StreamReader

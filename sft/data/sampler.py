@@ -10,12 +10,14 @@ Each rank's share of an epoch is disjoint from the others', and together they co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
-import torch
 
-from sft.data.mixture import Mixture
+from sft.data.mixture import Mixture, seeded_permutation
 from sft.data.pack import pack_in_windows
+
+T = TypeVar("T")
 
 
 class StepSampler:
@@ -54,8 +56,11 @@ class StepSampler:
         """Sample indices of each of this rank's micro-batches for optimizer step `step` (0-based)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         chunk = self.epoch_order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
-        m, w, r = self.micro_batch_size, self.world_size, self.rank
-        return [chunk[(a * w + r) * m : (a * w + r + 1) * m] for a in range(self.grad_accum)]
+        return _rank_share(chunk, self.micro_batch_size, self.grad_accum, self.world_size, self.rank)
+
+    def samples(self, step: int) -> list[int]:
+        """This rank's sample indices for step `step`, micro-batch after micro-batch."""
+        return [i for mb in self.micro_batches(step) for i in mb]
 
 
 class RowSampler:
@@ -97,7 +102,7 @@ class RowSampler:
         rows = [[order[i] for i in row] for row in packed]
         if self.mixture.shuffle:
             seed = (self.mixture.seed * 100_003 + epoch) * 7 + 1  # not the sample order's permutation
-            rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+            rows = [rows[i] for i in seeded_permutation(len(rows), seed)]
         self._rows = (epoch, rows)
         return rows
 
@@ -135,5 +140,18 @@ class RowSampler:
             step -= self.steps_in_epoch(epoch)
             epoch += 1
         chunk = self.epoch_rows(epoch)[step * self.global_batch : (step + 1) * self.global_batch]
-        m, w, r = self.micro_batch_size, self.world_size, self.rank
-        return [chunk[(a * w + r) * m : (a * w + r + 1) * m] for a in range(self.grad_accum)]
+        return _rank_share(chunk, self.micro_batch_size, self.grad_accum, self.world_size, self.rank)
+
+    def samples(self, step: int) -> list[int]:
+        """This rank's sample indices for step `step`, row after row."""
+        return [i for mb in self.micro_batches(step) for row in mb for i in row]
+
+
+def _rank_share(
+    chunk: list[T], micro_batch_size: int, grad_accum: int, world_size: int, rank: int
+) -> list[list[T]]:
+    """One rank's micro-batches of a step's global batch: micro-batch a of rank r is the (a * world + r)-th
+    slice of micro_batch_size units, so ranks are disjoint and the global batch is split the same way for any
+    accumulation."""
+    m, w = micro_batch_size, world_size
+    return [chunk[(a * w + rank) * m : (a * w + rank + 1) * m] for a in range(grad_accum)]
