@@ -22,15 +22,9 @@ from sft.merge import methods, run_merge
 from sft.merge.config import MergeConfig, load_merge_config, parse_size, validate_merge_config
 from sft.merge.run import merge
 from sft.merge.stream import Checkpoint, ShardedWriter, TensorSpec
+from tests.conftest import QUANT
 
 REPO = Path(__file__).resolve().parents[1]
-QUANT = {
-    "quant_type": "nf4",
-    "double_quant": True,
-    "blocksize": 64,
-    "compute_dtype": "float32",
-    "quant_storage": "uint8",
-}
 
 
 # ---------------------------------------------------------------- tiny models

@@ -18,17 +18,11 @@ import torch
 
 from sft.merge.config import validate_merge_config
 from sft.merge.run import merge
+from tests.conftest import QUANT
 
 pytestmark = pytest.mark.slow
 
 BUILTIN = "builtin:smollm2-135m-instruct"
-QUANT = {
-    "quant_type": "nf4",
-    "double_quant": True,
-    "blocksize": 64,
-    "compute_dtype": "float32",
-    "quant_storage": "uint8",
-}
 CODE = [
     "def add(a, b):\n    return a + b\n",
     "for i in range(10):\n    print(i * i)\n",
