@@ -77,14 +77,10 @@ def _drop_(delta: torch.Tensor, density: float, generator: torch.Generator) -> t
     return delta.mul_(keep.to(delta.device)).div_(density)
 
 
-def sign_consensus(weighted: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
-    """TIES merge of already weighted task vectors wᵢτᵢ: elect a sign per element by total mass, then
-    sum the entries that agree with it, divided by the weights of the agreeing models when normalizing."""
-    return _sign_consensus_([d.clone() for d in weighted], weights, normalize)
-
-
 def _sign_consensus_(weighted: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
-    # Consumes `weighted` (entries are zeroed where they disagree, then dropped from the list).
+    """TIES merge of already weighted task vectors wᵢτᵢ: elect a sign per element by total mass, then
+    sum the entries that agree with it, divided by the weights of the agreeing models when normalizing.
+    Consumes `weighted` (entries are zeroed where they disagree, then dropped from the list)."""
     elected = torch.zeros_like(weighted[0])
     for d in weighted:
         elected.add_(d)
