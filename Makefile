@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.sft-installed
 
-.PHONY: setup quickstart test lint bench clean
+.PHONY: setup quickstart test lint bench clean lab1 lab2 lab3
 
 setup: $(STAMP)
 
@@ -21,6 +21,16 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 
 quickstart: setup
 	$(VENV)/bin/sft train recipes/quickstart.yaml overwrite=true
+
+# The chapter's labs (labs/README.md): each fine-tunes, evaluates and writes runs/labs/labN/results.md + a PNG.
+lab1: setup
+	$(PY) -m labs.lab1
+
+lab2: setup
+	$(PY) -m labs.lab2
+
+lab3: setup
+	$(PY) -m labs.lab3
 
 test: setup
 	$(PY) -m pytest -q

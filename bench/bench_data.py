@@ -63,7 +63,8 @@ def tokenize_and_pack_speed(tokenizer: Any, args: argparse.Namespace) -> None:
             store, stats = read_source(open_source(r.data.train[0]), tokenizer, r.data)
             t_tok = time.perf_counter() - start
             start = time.perf_counter()
-            sampler = RowSampler(Mixture([len(store)]), store.lengths, args.seq, 2048, args.micro, 1)
+            train = r.train.model_copy(update={"micro_batch_size": args.micro, "grad_accum": 1})
+            sampler = RowSampler(Mixture([len(store)]), store.lengths, args.seq, 2048, train)
             for step in range(sampler.steps_per_epoch):
                 for mb in sampler.micro_batches(step):
                     pack_collate([[store.ids_labels(i) for i in row] for row in mb], 0)
@@ -76,6 +77,7 @@ def tokenize_and_pack_speed(tokenizer: Any, args: argparse.Namespace) -> None:
 
 
 def padding_table(tokenizer: Any) -> None:
+    from sft.data.indexed import IndexedSamples
     from sft.data.pack import best_fit, deal, slots
     from sft.data.pipeline import DataPipeline
 
@@ -105,21 +107,25 @@ def padding_table(tokenizer: Any) -> None:
         padded = DataPipeline(recipe(*common), tokenizer)
         packed = DataPipeline(recipe(*common, "data.packing=true"), tokenizer)
         batch = DataPipeline(recipe(*common, "data.packing=true", "data.packing_mode=batch"), tokenizer)
-        assert padded.sampler is not None
+        steps = padded.steps
+        assert isinstance(steps, IndexedSamples)
         real = total = 0
-        for step in range(min(200, padded.steps_per_epoch)):
-            lengths = [int(padded.train.lengths[i]) for mb in padded.sampler.micro_batches(step) for i in mb]
+        for step in range(min(200, steps.steps_per_epoch)):
+            lengths = [
+                int(steps.corpus.store.lengths[i]) for mb in steps.sampler.micro_batches(step) for i in mb
+            ]
             real += sum(lengths)
             total += slots(deal(best_fit(lengths, seq), accum), lengths)
         print(
-            f"| {spec} | {seq} | {micro} x {accum} | {padded.padding_fraction():.1%} | {packed.padding_fraction():.1%} "
-            f"| {batch.padding_fraction():.1%} | {1 - real / total:.1%} |"
+            f"| {spec} | {seq} | {micro} x {accum} | {steps.padding_fraction():.1%} "
+            f"| {packed.steps.padding_fraction():.1%} | {batch.steps.padding_fraction():.1%} | {1 - real / total:.1%} |"
         )
 
 
 def training_speed(tokenizer: Any, args: argparse.Namespace) -> None:
+    from sft.data.chat import trained_tokens
     from sft.data.pipeline import DataPipeline
-    from sft.loss import count_targets, loss_sum
+    from sft.loss import loss_sum
     from sft.model.load import add_lora, load_model
 
     print(
@@ -140,9 +146,9 @@ def training_speed(tokenizer: Any, args: argparse.Namespace) -> None:
         "packed rows": DataPipeline(recipe(*packed), tokenizer),
         "packed rows, half the rows": DataPipeline(recipe(*half), tokenizer),
         "step's samples packed": DataPipeline(recipe(*packed, "data.packing_mode=batch"), tokenizer),
-        "half the rows, as one flat row": DataPipeline(recipe(*half), tokenizer),
+        # flash attention's layout, here run by sdpa on CPU
+        "half the rows, as one flat row": DataPipeline(recipe(*half), tokenizer, flat=True),
     }
-    layouts["half the rows, as one flat row"].flat = True  # flash attention's layout; here run by sdpa on CPU
     layouts = {name: data for name, data in layouts.items() if args.layouts is None or name in args.layouts}
     r = recipe(*common)
     torch.manual_seed(0)
@@ -158,7 +164,7 @@ def training_speed(tokenizer: Any, args: argparse.Namespace) -> None:
         for name, data in layouts.items():
             batches = data.micro_batches(step)
             start = time.perf_counter()
-            targets = sum(count_targets(b) for b in batches)
+            targets = sum(trained_tokens(b["labels"]) for b in batches)
             for b in batches:
                 (loss_sum(model, b, "fp32") / targets).backward()
             opt.step()

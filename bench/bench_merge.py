@@ -39,8 +39,8 @@ def make_inputs(root: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from sft.merge.sources import FolderSource
-    from sft.merge.stream import ShardedWriter
     from sft.model.builtin import builtin_model_dir
+    from sft.safetensors_io import ShardedWriter
 
     base = builtin_model_dir(BUILTIN)
     src = FolderSource(BUILTIN, base)

@@ -62,7 +62,6 @@ def measure(name: str, args: argparse.Namespace, model_dir: str, world: int) -> 
     from sft.config import validate_recipe
     from sft.dist import init_dist
     from sft.loss import loss_sum
-    from sft.model import build_model
     from sft.strategies import build_strategy
 
     micro = args.global_batch // (world * args.accum)
@@ -74,9 +73,8 @@ def measure(name: str, args: argparse.Namespace, model_dir: str, world: int) -> 
     recipe = validate_recipe(raw)
     dist = init_dist("cpu")
     torch.manual_seed(0)
-    model = build_model(recipe, dist.device)
     strategy = build_strategy(recipe, dist)
-    model, optimizer = strategy.prepare(model)
+    model, optimizer = strategy.prepare(strategy.build_model())
     engine_opt = getattr(model, "optimizer", None)  # DeepSpeed's ZeRO optimizer, if any
 
     inner = getattr(model, "module", model)

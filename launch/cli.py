@@ -13,6 +13,7 @@ from launch.spec import PORT_BASE, PORT_SPAN, JobSpec, job_spec
 from launch.torchrun import check_local_capacity, local_command, torchrun_command
 from sft.config import load_recipe
 from sft.errors import SftError
+from sft.run_folder import check_output_dir
 
 BACKENDS = ("local", "torchrun", "slurm", "submitit")
 
@@ -28,6 +29,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "through submitit (default: local)",
     )
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start even when the memory plan says the recipe cannot fit (passed on to the trainer)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the command (local, torchrun, submitit) or write the sbatch script (slurm); submit nothing",
@@ -38,16 +44,24 @@ def run_launch(args: argparse.Namespace) -> int:
     """Run `sft launch`; bad input raises SftError before anything starts or is submitted."""
     overrides = list(args.overrides or [])
     recipe = load_recipe(args.recipe, overrides)
-    try:  # what every rank will load: the trainer runs with resume=true
-        load_recipe(args.recipe, [*overrides, "resume=true"])
+    try:  # what every rank will load: the trainer runs with resume=auto
+        resumable = load_recipe(args.recipe, [*overrides, "resume=auto"])
     except SftError as e:
         raise SftError(
-            f"{e} (sft launch always runs the trainer with resume=true, so that a requeued job "
+            f"{e} (sft launch always runs the trainer with resume=auto, so that a requeued job "
             "continues from its checkpoint)"
         ) from None
-    spec = job_spec(recipe, args.recipe, overrides)
+    force = bool(getattr(args, "force", False))
+    check_output_dir(
+        resumable, [args.recipe] if args.recipe else []
+    )  # before anything is written or submitted
+    spec = job_spec(recipe, args.recipe, overrides, force=force)
     backend = args.backend
     if backend in ("local", "torchrun"):
+        if not (args.dry_run or force):  # here the devices are known: stop before anything starts
+            from sft.plan import check_fits
+
+            check_fits(recipe, spec.world_size, local_ranks=spec.procs_per_node)
         return _run_here(spec, backend, args.dry_run)
     if backend == "slurm":
         return _slurm(spec, args.dry_run)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from launch.spec import PORT_BASE, PORT_SPAN, JobSpec, check_slurm, mem_megabytes, sbatch_extra_option
 from sft.errors import SftError
+from sft.run_folder import claim
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "torchrun.sbatch"
+# Package data (shipped in the wheel); the repository's slurm/torchrun.sbatch is a link to it.
+TEMPLATE = Path(__file__).resolve().parent / "torchrun.sbatch"
 SRUN_WAIT_SECONDS = 120
 
 
@@ -98,6 +100,7 @@ def log_path(spec: JobSpec, job_id: str) -> Path:
 def write_sbatch(spec: JobSpec) -> Path:
     path = script_path(spec)
     text = render_sbatch(spec)
+    claim(spec.output_dir)  # the run folder is sft's from here: the trainer may write into it
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.chmod(0o755)

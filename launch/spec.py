@@ -81,7 +81,7 @@ class JobSpec:
 
     name: str
     entry: list[str]
-    """What each rank runs after `python`: `-m sft.cli train RECIPE [overrides...] resume=true`."""
+    """What each rank runs after `python`: `-m sft.cli train RECIPE [overrides...] resume=auto`."""
     output_dir: Path
     workdir: Path
     python: str = sys.executable
@@ -122,15 +122,18 @@ def rdzv_port(job_id: int) -> int:
     return PORT_BASE + job_id % PORT_SPAN
 
 
-def trainer_entry(recipe_path: str | Path | None, overrides: list[str]) -> list[str]:
-    """The trainer's command line. `resume=true` always: a requeued job continues from its checkpoint."""
+def trainer_entry(recipe_path: str | Path | None, overrides: list[str], force: bool = False) -> list[str]:
+    """The trainer's command line. `resume=auto` always: a requeued job continues from its checkpoint (and
+    a first start, with no checkpoint yet, starts at step 0)."""
     args = ["-m", "sft.cli", "train"]
     if recipe_path is not None:
         args.append(str(Path(recipe_path).resolve()))
-    return [*args, *overrides, "resume=true"]
+    return [*args, *overrides, "resume=auto", *(["--force"] if force else [])]
 
 
-def job_spec(recipe: Recipe, recipe_path: str | Path | None, overrides: list[str]) -> JobSpec:
+def job_spec(
+    recipe: Recipe, recipe_path: str | Path | None, overrides: list[str], force: bool = False
+) -> JobSpec:
     """The job spec of a validated recipe, as run from the current folder."""
     launch = recipe.launch
     output_dir = Path(recipe.output_dir).resolve()
@@ -145,7 +148,7 @@ def job_spec(recipe: Recipe, recipe_path: str | Path | None, overrides: list[str
         wandb += " (offline: `wandb sync` the run folder afterwards)"
     return JobSpec(
         name=name,
-        entry=trainer_entry(recipe_path, list(overrides)),
+        entry=trainer_entry(recipe_path, list(overrides), force),
         output_dir=output_dir,
         workdir=Path.cwd(),
         python=launch.python or sys.executable,

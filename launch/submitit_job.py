@@ -3,7 +3,7 @@
 Preemption and time limits: submitit asks Slurm for USR2 some seconds before the time limit, sent to every
 process of the job. torchrun and the ranks ignore USR2 (set before torchrun starts); the task process passes
 USR1 (the trainer's signal) to its node's ranks, which save and exit; then, on the first node, submitit calls
-`checkpoint()` and requeues the job. The requeued job runs the same command with `resume=true`, so it
+`checkpoint()` and requeues the job. The requeued job runs the same command with `resume=auto`, so it
 continues from the latest checkpoint. TERM (preemption) reaches the ranks directly, and Slurm requeues.
 """
 
@@ -25,6 +25,7 @@ from launch.slurm import check_cluster, extra_parameters, require_slurm
 from launch.spec import JobSpec, check_slurm, rdzv_port, time_minutes
 from launch.torchrun import torchrun_command
 from sft.errors import SftError
+from sft.run_folder import claim
 
 STOP_WAIT_SECONDS = 300  # how long a node that is not the first waits for the requeue to end it
 
@@ -165,4 +166,5 @@ def submit_submitit(spec: JobSpec) -> submitit.Job:
     executor_parameters(spec)  # validate before asking the cluster anything
     require_slurm()
     check_cluster(spec)
+    claim(spec.output_dir)  # the run folder is sft's from here: the trainer may write into it
     return make_executor(spec).submit(TorchrunNode(spec))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sft.errors import SftError
+
+T = TypeVar("T")
 
 
 class Section(BaseModel):
@@ -22,11 +24,13 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = "builtin:smollm2-135m-instruct"
+    name: str = Field("builtin:smollm2-135m-instruct", min_length=1)
     """`builtin:NAME`, a local Hugging Face folder, or a hub id (the only case that reaches the network)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the weights as loaded; `train.precision` decides the compute."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "auto"
+    """auto: flash attention 3 or 2 on a GPU where installed and supported, else sdpa, else eager (Gemma 2);
+    the choice is printed at the start of training. An explicit one the model refuses is an error."""
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     revision: str | None = None
@@ -35,7 +39,9 @@ class ModelConfig(Section):
 class LoraConfig(Section):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """0 (peft's default): dropout > 0 draws a mask and keeps a dropped copy of the input for every adapted
+    layer, a third of a LoRA step's time on CPU (BENCHMARKS.md, issue 13); set it where the data is small."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
@@ -59,12 +65,12 @@ class QuantConfig(Section):
 TrainOn = Literal["assistant", "last_assistant", "all"]
 DATA_FIELDS = (
     "messages", "role", "content", "conversations", "from", "value",
-    "instruction", "input", "output", "prompt", "completion", "text", "system",
+    "instruction", "input", "output", "prompt", "completion", "text", "system", "reasoning_content",
 )  # fmt: skip
 
 
 class DataSource(Section):
-    path: str
+    path: str = Field(min_length=1)
     """A local file or glob (.jsonl, .json, .parquet, .csv), a folder written by `datasets`' save_to_disk,
     `hub:ORG/NAME` (a hub data set: reaches the network), or `builtin:NAME/SPLIT` (data shipped with sft)."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
@@ -126,8 +132,25 @@ class DataConfig(Section):
     """Samples per epoch of a weighted mixture; default the sum of all sources."""
     add_eos: bool = True
     """End every raw text and plain completion with the tokenizer's end-of-sequence token."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """Reasoning of assistant turns (`reasoning_content`, or <think>...</think> in the content): keep = rendered
+    and trained in every turn, also where the chat template leaves it out of history turns; drop = whatever the
+    template does (docs/data.md lists which families drop it)."""
+    system_role: Literal["keep", "merge"] = "keep"
+    """keep: system turns go to the template as they are; merge: folded into the first user turn (for templates
+    that refuse a system role, such as Gemma 2's)."""
+    max_untrained_share: float = Field(0.1, ge=0, le=1)
+    """With on_bad_row=skip: the share of a source's rows that may give no trained token (cut by truncation,
+    an empty answer) before loading stops with an error."""
     cache: bool = True
     """Keep tokenized data on disk under $SFT_CACHE/data (default ~/.cache/sft/data)."""
+
+    @field_validator("train")
+    @classmethod
+    def _some_training_data(cls, v: list[DataSource]) -> list[DataSource]:
+        if not v:
+            raise ValueError("name at least one training source, e.g. data.train=my_data.jsonl")
+        return v
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -184,6 +207,30 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast over fp32 weights (mixed precision)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss_impl: Literal["chunked", "full"] = "chunked"
+    """chunked: cross entropy at trained positions only, the output head applied a chunk of tokens at a
+    time (never the whole logits tensor); full: the logits of every position, then cross entropy."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak TFLOP/s of one device for the MFU metric; default: sft/gpus.py's table for the GPU (by name and
+    precision), or a short matmul probe on a CPU."""
+    compile: bool = False
+    """torch.compile each decoder layer (single and fsdp2); the first step includes the compilation."""
+    activation_offload: bool = False
+    """GPU runs: keep the activations saved for the backward in CPU memory (best with
+    model.gradient_checkpointing, which saves only each layer's input)."""
+
+    # The global batch, in one place: a step trains micro_batch_size x grad_accum units (samples, or packed rows)
+    # on each of the processes, and every split of the same global batch trains the same units.
+    def global_batch(self, world_size: int = 1) -> int:
+        """Units of one optimizer step over `world_size` processes (1: one process's share)."""
+        return self.micro_batch_size * self.grad_accum * world_size
+
+    def rank_share(self, units: list[T], world_size: int = 1, rank: int = 0) -> list[list[T]]:
+        """One process's micro-batches of a step's global batch: micro-batch a of rank r is the
+        (a x world + r)-th slice of micro_batch_size units, so ranks are disjoint and the global batch is
+        split the same way for any accumulation."""
+        m, w = self.micro_batch_size, world_size
+        return [units[(a * w + rank) * m : (a * w + rank + 1) * m] for a in range(self.grad_accum)]
 
 
 class EvalConfig(Section):
@@ -213,6 +260,8 @@ class WandbConfig(Section):
 class LoggingConfig(Section):
     every: int = Field(1, gt=0)
     progress: bool = True
+    plots: bool = True
+    """Draw plots/*.png (loss, learning rate, throughput, memory) at each evaluation and at the end."""
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
@@ -304,10 +353,33 @@ class Recipe(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     seed: int = 0
     output_dir: str = "runs/default"
-    resume: bool = False
-    """Continue from `output_dir/checkpoints/latest` when it exists."""
+    """The run's own folder. sft deletes a folder only when it made it (the `.sft-run` marker inside)."""
+    resume: bool | Literal["auto"] = False
+    """true: continue from `output_dir/checkpoints/latest` (an error when there is no checkpoint);
+    auto: continue when there is a checkpoint, else start (what `sft launch` and requeued jobs use)."""
+    resume_changes: Literal["refuse", "allow"] = "refuse"
+    """A resume whose recipe or data differ from the checkpoint's in ways that change the run is refused;
+    `allow` continues with the new values and records what changed."""
     overwrite: bool = False
     """Replace an earlier run in `output_dir` (otherwise that is an error, unless resuming)."""
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_choice(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v == "auto":
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        raise ValueError("use false, true or auto")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _named_output_dir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(
+                "is empty (an unset variable?); name the run's folder, e.g. output_dir=runs/my-run"
+            )
+        return v
 
     @field_validator("model", mode="before")
     @classmethod
@@ -317,8 +389,10 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
         """Options that cannot work together, caught before anything is loaded or launched."""
-        if self.model.attn_implementation == "flash_attention_2" and self.train.device == "cpu":
-            raise ValueError("model.attn_implementation=flash_attention_2 needs a GPU; use sdpa on CPU")
+        if self.model.attn_implementation.startswith("flash") and self.train.device == "cpu":
+            raise ValueError(
+                f"model.attn_implementation={self.model.attn_implementation} needs a GPU; use auto or sdpa on CPU"
+            )
         if self.train.precision == "bf16" and self.model.dtype == "float16":
             raise ValueError(
                 "train.precision=bf16 with model.dtype=float16 mixes two half types; use float32"
@@ -328,11 +402,34 @@ class Recipe(Section):
                 f"method=full with model.dtype={self.model.dtype} trains half-precision weights without mixed "
                 "precision; set model.dtype=float32 (optionally with train.precision=bf16)"
             )
-        if self.resume and self.overwrite:
-            raise ValueError("resume=true and overwrite=true contradict each other; pick one")
+        if self.train.activation_offload and self.train.device == "cpu":
+            raise ValueError(
+                "train.activation_offload=true moves activations from the GPU to CPU memory; with train.device=cpu "
+                "there is nothing to move (use model.gradient_checkpointing to save activation memory on a CPU)"
+            )
+        if self.resume is not False and self.overwrite:
+            raise ValueError(
+                f"resume={str(self.resume).lower()} and overwrite=true contradict each other; pick one"
+            )
+        if self.method == "full" and self.lora != LoraConfig():
+            raise ValueError(
+                "the lora section applies to method=lora or qlora, but method=full trains every weight; "
+                "remove the lora settings or set method=lora"
+            )
+        self._length_combinations()
         self._qlora_combinations()
         self._strategy_combinations()
         return self
+
+    def _length_combinations(self) -> None:
+        t = self.train
+        if t.max_steps is not None and t.epochs != 1:
+            raise ValueError(
+                f"train.max_steps={t.max_steps} and train.epochs={t.epochs} both set the run's length; "
+                "keep one (max_steps counts optimizer steps)"
+            )
+        if self.data.streaming and t.max_steps is None:
+            raise ValueError("data.streaming=true needs train.max_steps: a stream has no known length")
 
     def _qlora_combinations(self) -> None:
         """4-bit base weights and bitsandbytes optimizers: what cannot work, and why (issue 5)."""
@@ -419,16 +516,32 @@ class Recipe(Section):
                     "set train.precision=bf16 (or param_dtype=auto)"
                 )
         if s.name == "deepspeed":
+            if self.train.compile:
+                raise ValueError(
+                    "train.compile=true is not supported under strategy.name=deepspeed (ZeRO's parameter "
+                    "hooks run inside each layer's call); use strategy.name=fsdp2 or single, or train.compile=false"
+                )
             if s.deepspeed.offload_params and s.deepspeed.zero_stage != 3:
                 raise ValueError(
                     f"strategy.deepspeed.offload_params needs zero_stage=3 (got {s.deepspeed.zero_stage})"
                 )
-            from sft.strategies.ds_config import check_against_recipe
+            from sft.ds_config import check_against_recipe
 
             check_against_recipe(self)  # a user JSON that contradicts the recipe fails here, before launch
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def warmup_warnings(optim: OptimConfig, total_steps: int) -> list[str]:
+    """A warmup that does not end before the run does (the lr never reaches optim.lr). Said, not refused: a
+    short trial of a longer recipe (`train.max_steps=2`) is a normal thing to do."""
+    if optim.warmup_steps < total_steps:
+        return []
+    return [
+        f"warning: optim.warmup_steps={optim.warmup_steps} is not below the run's {total_steps} steps, so the "
+        "learning rate never reaches optim.lr; fine for a short trial, otherwise lower optim.warmup_steps"
+    ]
 
 
 # ---------------------------------------------------------------- loading, overrides, errors
@@ -450,16 +563,46 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:  
 def read_yaml_mapping(path: Path, what: str, shape: str) -> dict[str, Any]:
     """Load a YAML file that must hold a mapping; every problem is one SftError naming the file (and line)."""
     if not path.is_file():
-        raise SftError(f"{path}: {what} not found")
+        raise SftError(f"{path}: {what} not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SftError(f"{path}: not a text file (not UTF-8 at byte {e.start}); {shape}") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as e:
+        raise SftError(f"{path}: line {e.line}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise SftError(f"{path}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        where = f"{path}: line {mark.line + 1}" if mark else str(path)
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise SftError(f"{where} is not valid YAML ({problem})") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise SftError(f"{path}: {shape}")
     return loaded or {}
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(
+            f"key '{key}' is given twice (also on line {first_line}); the second would silently replace the "
+            "first, so merge them into one"
+        )
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe YAML loader, refusing a mapping that repeats a key (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen and key != "<<":
+                raise DuplicateKeyError(key, line, seen[key])
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -26,6 +26,11 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def backend_for(device: torch.device) -> str:
+    """The collective backend for a device: NCCL between GPUs, gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def init_dist(device_choice: str = "auto") -> DistEnv:
     """Read RANK/WORLD_SIZE/LOCAL_RANK; start the process group (NCCL on GPUs, gloo on CPU) when world > 1."""
     rank = int(os.environ.get("RANK", 0))
@@ -35,8 +40,7 @@ def init_dist(device_choice: str = "auto") -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world)
+        torch.distributed.init_process_group(backend=backend_for(device), rank=rank, world_size=world)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
@@ -49,7 +53,7 @@ def ensure_process_group(dist: DistEnv) -> None:
     """Sharded backends need a process group even for one process (`sft train` without torchrun)."""
     if torch.distributed.is_initialized():
         return
-    backend = "nccl" if dist.device.type == "cuda" else "gloo"
+    backend = backend_for(dist.device)
     if dist.world_size == 1:
         # An in-memory store: no port to pick, nothing reaches the network.
         torch.distributed.init_process_group(

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from sft.loss import autocast, count_targets, loss_sum
+from sft.data.chat import trained_tokens
+from sft.loss import autocast, loss_sum
 
 
 @torch.no_grad()
@@ -17,14 +18,15 @@ def eval_loss(
     batches: Iterable[dict[str, torch.Tensor]],
     precision: str,
     sum_across_ranks: Callable[[torch.Tensor], torch.Tensor],
+    loss_impl: str = "chunked",
 ) -> dict[str, float]:
     """Token-weighted mean loss over the eval batches (this rank's share, summed over ranks)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
-        totals[0] += float(loss_sum(model, batch, precision))
-        totals[1] += count_targets(batch)
+        totals[0] += float(loss_sum(model, batch, precision, loss_impl))
+        totals[1] += trained_tokens(batch["labels"])
     model.train(was_training)
     totals = sum_across_ranks(totals)
     loss = float(totals[0] / max(float(totals[1]), 1.0))

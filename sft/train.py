@@ -7,95 +7,108 @@ Every rank runs this function. The strategy hides how the model is wrapped and s
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sft.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from sft.config import Recipe
-from sft.data import check_sources
+from sft.checkpoint import save_checkpoint
+from sft.config import Recipe, warmup_warnings
 from sft.data.pipeline import DataPipeline
 from sft.dist import barrier, init_dist
-from sft.errors import SftError
+from sft.divergence import check_step
 from sft.evaluate import eval_loss, generate_answers
-from sft.loss import count_targets, count_tokens, loss_sum
+from sft.export import export_run
+from sft.loss import describe_loss, loss_sum
+from sft.manifest import RunManifest, records_outcome
 from sft.metrics import Metrics
-from sft.model import build_model
-from sft.model.load import check_model_name, count_parameters, load_tokenizer
+from sft.model.attention import FLASH, resolve_attention
+from sft.model.load import count_parameters, load_tokenizer
 from sft.model.quant import describe_memory, memory_report
 from sft.optim import build_scheduler
-from sft.signals import Preempted, StopFlag
+from sft.plan import check_fits
+from sft.preflight import preflight
+from sft.resume import announce, plan_resume, restore
+from sft.run_folder import prepare_run_folder
+from sft.signals import Preempted, StopFlag, restores_signal_handlers
 from sft.strategies import build_strategy
+from sft.throughput import StepMeter
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
-    # ---- 1. Inputs first: a bad path or row fails here, before anything is written.
-    check_model_name(recipe.model.name)
-    check_sources(recipe.data)
+@records_outcome  # run.json says how the run ended: done, preempted, failed with which error
+@restores_signal_handlers  # the stop flag's handlers end with the run, however it ends
+def train(recipe: Recipe, check_memory: bool = True) -> dict[str, Any]:
+    # ---- 1. Inputs first: a bad path, row or resume fails here, before anything is loaded or written.
+    preflight(recipe)
     output_dir = Path(recipe.output_dir)
-    resume_from = latest_checkpoint(output_dir) if recipe.resume else None
-    if (output_dir / "recipe.yaml").exists() and not (recipe.resume or recipe.overwrite):
-        raise SftError(
-            f"output_dir {output_dir} already holds a run; add resume=true to continue it, "
-            "overwrite=true to replace it, or choose another output_dir"
-        )
+    resume = plan_resume(recipe)  # the checkpoint to continue from, checked against this recipe and data
+    if resume.finished is not None:
+        announce(f"the run in {output_dir} is complete (final/ and results.json); nothing to do")
+        return resume.finished
     dist = init_dist(recipe.train.device)
+    if check_memory:  # the memory plan, from the model config alone: stop before loading what cannot fit
+        check_fits(recipe, dist.world_size)
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
 
     tokenizer = load_tokenizer(recipe.model)
-    data = DataPipeline(recipe, tokenizer, dist.rank, dist.world_size)
+    attention = resolve_attention(recipe.model, dist.device.type)  # from config.json; the model loads with it
+    data = DataPipeline(recipe, tokenizer, dist.rank, dist.world_size, flat=attention in FLASH)
     t = recipe.train
     total_steps = t.max_steps or data.total_steps(t.epochs)
 
     # ---- 2. Model, strategy, optimizer, schedule.
-    model = build_model(recipe, dist.device)
-    trainable, total = count_parameters(model)
-    memory = memory_report(model, recipe.optim.name)  # measured before a strategy shards anything
     strategy = build_strategy(recipe, dist)
+    model = strategy.build_model()  # whole, empty (FSDP2) or partitioned (ZeRO-3): never whole when sharded
+    trainable, total = count_parameters(model)
+    vocab_size = int(model.config.vocab_size)  # type: ignore[union-attr,arg-type]  # collapse: loss = ln(it)
+    memory = memory_report(model, recipe.optim.name)  # the whole model's sizes, before it is sharded
+    meter = StepMeter(recipe, model, dist)  # model FLOPs per token, likewise
     model, optimizer = strategy.prepare(model)
     scheduler = build_scheduler(optimizer, recipe.optim, total_steps)
 
+    step, run_id = 0, None
+    if resume.folder is not None:
+        state = restore(resume, strategy, model, optimizer, scheduler, data, dist)
+        step, run_id = state["step"], state.get("wandb_run_id")
+
     # ---- 3. The run folder: created only now that the inputs are known to be good.
     if dist.is_main:
-        if recipe.overwrite and (output_dir / "recipe.yaml").exists():
-            shutil.rmtree(output_dir)  # only ever a folder we made: it has our recipe.yaml
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        prepare_run_folder(recipe, fresh=resume.folder is None)
     barrier()
 
-    step, run_id = 0, None
-    if resume_from is not None:
-        strategy.load_checkpoint(resume_from, model, optimizer)
-        state = load_trainer_state(resume_from, dist)
-        step, run_id = state["step"], state.get("wandb_run_id")
-        data.load_state_dict(state.get("data"))  # a stream's read position (in-memory data needs none)
-        scheduler.load_state_dict(state["scheduler"])
-
-    metrics = Metrics(recipe, output_dir, enabled=dist.is_main, run_id=run_id, start_step=step)
+    manifest = RunManifest.start(
+        recipe, dist, output_dir, step
+    )  # run.json: versions, hosts, data fingerprints
+    manifest.update(recipe_changes=resume.record()["recipe_changes"])  # what resume_changes=allow let through
+    metrics = Metrics(
+        recipe, output_dir, enabled=dist.is_main, run_id=run_id, start_step=step, manifest=manifest
+    )
     metrics.print("[sft] recipe:\n" + recipe.to_yaml())
+    auto = " (auto)" if recipe.model.attn_implementation == "auto" else ""
     metrics.print(
         f"[sft] {recipe.method} fine-tuning of {recipe.model.name} on {dist.device} x{dist.world_size}; "
+        f"attention {attention or 'transformers default'}{auto}; "
         f"trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})"
     )
     metrics.print(describe_memory(memory))
+    metrics.print(describe_loss(model, t.loss_impl))
+    metrics.print(meter.describe())
     metrics.summary({f"memory/{k}": v for k, v in memory.items()})
     metrics.print(f"[sft] training {total_steps} steps; {data.describe()}")
-    if resume_from is not None:
-        metrics.print(f"[sft] resumed from {resume_from} at step {step}")
+    for note in [*warmup_warnings(recipe.optim, total_steps), *resume.notes]:
+        metrics.print(f"[sft] {note}")
+    if resume.folder is not None:
+        metrics.print(f"[sft] resumed from {resume.folder} at step {step}")
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(dist.device) for k, v in batch.items()}
 
     def evaluate() -> dict[str, float]:
         batches = (to_device(b) for b in data.eval_batches())
-        return eval_loss(model, batches, t.precision, strategy.sum_across_ranks)
+        return eval_loss(model, batches, t.precision, strategy.sum_across_ranks, t.loss_impl)
 
     def answers() -> list[dict[str, str]]:
         # With sharded weights every forward is a collective: all ranks generate, rank 0 reports.
@@ -110,6 +123,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     def checkpoint() -> None:
         state = {"step": step, "scheduler": scheduler.state_dict(), "wandb_run_id": metrics.run_id}
         state["data"] = data.state_dict()  # every rank: gathers the stream positions when streaming
+        state.update(total_steps=total_steps, **resume.record())
         save_checkpoint(
             output_dir,
             step,
@@ -117,6 +131,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             lambda folder: strategy.save_checkpoint(folder, model, optimizer),
             state,
             recipe.checkpoint.keep,
+            recipe.to_yaml(),
         )
 
     # ---- 4. Before training: the baseline to compare against.
@@ -137,29 +152,38 @@ def train(recipe: Recipe) -> dict[str, Any]:
     tokens_seen = 0
     started = time.perf_counter()
     while step < total_steps:
-        step_start = time.perf_counter()
-        micro_batches = [to_device(b) for b in data.micro_batches(step)]
+        meter.start()
+        host_batches = data.micro_batches(step)  # counted here: on a GPU, counting there would wait for it
+        micro_batches = [to_device(b) for b in host_batches]
         # The step's loss is the mean over every trained token of the global batch: each micro-batch
         # contributes its token sum divided by the global count; the strategy turns these shares into the
         # gradient of their sum over micro-batches and ranks (strategies/base.py).
-        counts = torch.tensor([float(sum(count_targets(b) for b in micro_batches))], dtype=torch.float64)
-        global_targets = float(strategy.sum_across_ranks(counts)[0])
-        loss_total = torch.zeros((), dtype=torch.float64)
+        totals = strategy.sum_across_ranks(meter.counts(host_batches))  # trained tokens first (COUNTS)
+        global_targets = float(totals[0])
+        loss_total = torch.zeros((), dtype=torch.float64, device=dist.device)  # read once, after the step
         for a, batch in enumerate(micro_batches):
             with strategy.accumulating(model, last_micro_batch=a == len(micro_batches) - 1):
-                micro_loss = loss_sum(model, batch, t.precision)
+                micro_loss = loss_sum(model, batch, t.precision, t.loss_impl)
                 strategy.backward(micro_loss / global_targets)
-            loss_total += micro_loss.detach().double().cpu()
+            loss_total += micro_loss.detach()
         lr = scheduler.get_last_lr()[0]
-        grad_norm = strategy.step(optimizer, recipe.optim.max_grad_norm)
+        with meter.optimizer_step():
+            grad_norm = strategy.step(optimizer, recipe.optim.max_grad_norm)
         scheduler.step()
         step += 1
 
-        step_tokens = sum(count_tokens(b) for b in micro_batches) * dist.world_size
-        tokens_seen += step_tokens
-        loss = float(strategy.sum_across_ranks(loss_total.reshape(1))[0]) / global_targets
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
+        tokens_seen += int(totals[1])
+        if t.compile and tokens_seen == int(totals[1]):  # this process's first step compiled the layers
+            metrics.print(
+                f"[sft] train.compile: first step {time.perf_counter() - started:.1f}s, compiling included"
+            )
+        # One sum over ranks for the loss and the stop flag: every rank must agree to stop, or the ranks that
+        # stop would hang the others at the next collective.
+        summed = strategy.sum_across_ranks(
+            torch.tensor([float(loss_total), float(stop.requested)], dtype=torch.float64)
+        )
+        loss, stopping = float(summed[0]) / global_targets, bool(summed[1])
+        check_step(output_dir, step, loss, grad_norm, vocab_size, dist.is_main)  # divergence: exit code 3
         if step % recipe.logging.every == 0 or step == total_steps:
             metrics.log(
                 step,
@@ -168,17 +192,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     "train/lr": lr,
                     "train/grad_norm": grad_norm,
                     "train/trained_tokens": global_targets,
-                    "train/tokens_per_s": step_tokens / (time.perf_counter() - step_start),
-                    "train/step_time_s": time.perf_counter() - step_start,
+                    **meter.metrics(totals),
                 },
             )
         if recipe.eval.every and step % recipe.eval.every == 0 and step < total_steps and data.eval_samples:
             metrics.log(step, evaluate(), console=True)
 
-        # Every rank must agree to stop, or the ranks that stop would hang the others at the next collective.
-        stopping = bool(
-            strategy.sum_across_ranks(torch.tensor([float(stop.requested)], dtype=torch.float64))[0]
-        )
         if stopping or (
             recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps
         ):
@@ -199,18 +218,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     for a in results["answers_after"]:
         metrics.print(f"[after] {a['prompt']}\n  -> {a['answer']}")
     checkpoint()
-    final = output_dir / "final"
-    partial = output_dir / "final.partial"
-    if dist.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-    barrier()
-    strategy.export(partial, model, tokenizer)
-    barrier()
+    final = export_run(output_dir, strategy, model, tokenizer, dist)
     results.update(steps=step, train_seconds=round(elapsed, 2), tokens_seen=tokens_seen, final=str(final))
     if dist.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         metrics.summary({k: v for k, v in results.items() if not k.startswith("answers")})
         metrics.print(f"[sft] done: {step} steps in {elapsed:.0f}s; model in {final}")

@@ -33,14 +33,21 @@ def tokenizer(builtin_dir: Path) -> Any:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path, tokenizer: Any) -> Path:
     """A 2-layer Llama with random weights and the built-in tokenizer: real code paths, fast steps."""
+    return random_llama(
+        tmp_path_factory.mktemp("tiny-llama"), tokenizer, hidden_size=64, intermediate_size=128
+    )
+
+
+def random_llama(out: Path, tokenizer: Any, hidden_size: int, intermediate_size: int) -> Path:
+    """Save a 2-layer Llama of this width with random weights (seed 0) and the tokenizer into `out`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -50,10 +57,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path, 
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    out = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+TEMPLATES = REPO / "tests" / "fixtures" / "templates"
+
+
+def swap_template(tokenizer: Any, name: str) -> Any:
+    """A copy of `tokenizer` with another model family's chat template and special tokens (fixtures)."""
+    import copy
+    import json
+
+    tok = copy.deepcopy(tokenizer)
+    spec = json.loads((TEMPLATES / f"{name}.json").read_text())
+    tok.add_special_tokens({k: spec[k] for k in ("bos_token", "eos_token", "pad_token") if spec.get(k)})
+    tok.add_tokens(spec["special_tokens"], special_tokens=True)
+    tok.add_tokens(spec["tokens"])
+    tok.chat_template = (TEMPLATES / f"{name}.jinja").read_text()
+    return tok
 
 
 def tiny_recipe(model_dir: Path, output_dir: Path, **overrides: Any) -> Any:
@@ -66,7 +89,7 @@ def tiny_recipe(model_dir: Path, output_dir: Path, **overrides: Any) -> Any:
         "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 3, "device": "cpu"},
         "optim": {"lr": 1e-3, "warmup_steps": 0},
         "eval": {"max_batches": 1, "batch_size": 4},
-        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+        "logging": {"wandb": {"mode": "disabled"}, "progress": False, "plots": False},
         "output_dir": str(output_dir),
     }
     for key, value in overrides.items():

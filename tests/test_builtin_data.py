@@ -149,3 +149,59 @@ def test_strip_gutenberg_cuts_header_and_footer():
     assert strip_gutenberg(text, "x").strip() == "play"
     with pytest.raises(SystemExit):
         strip_gutenberg("play\nThis etext is from Project Gutenberg.\n", "x")
+
+
+# ---------------------------------------------------------------- the lab data sets (instruct, code, sonnets)
+
+
+def chat_pairs(name: str, split: str) -> list[tuple[str, str]]:
+    pairs = []
+    for number, row in enumerate(read_rows(ROOT / name / f"{split}.jsonl"), start=1):
+        where = f"{name}/{split}.jsonl row {number}"
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"], where
+        user, answer = (m["content"] for m in row["messages"])
+        assert user.strip() and answer.strip(), where
+        pairs.append((user, answer))
+    return pairs
+
+
+@pytest.mark.parametrize("name", ["instruct", "code", "sonnets"])
+def test_lab_data_sets_are_chat_rows_held_out_and_counted(name: str) -> None:
+    train, evaluation = chat_pairs(name, "train"), chat_pairs(name, "eval")
+    assert readme_counts(name) == {"train": len(train), "eval": len(evaluation)}
+    assert not {u for u, _ in train} & {u for u, _ in evaluation}
+
+
+def test_instruct_is_varied_and_its_tasks_are_right() -> None:
+    pairs = chat_pairs("instruct", "train") + chat_pairs("instruct", "eval")
+    kinds = {u.split("\n")[0].split(":")[0] for u, _ in pairs if "\n" in u}
+    assert len(kinds) >= 6  # sorting, counting, reversing, longest word, upper case, capitalizing, ...
+    questions = [u for u, _ in pairs if "\n" not in u and not u.startswith("Answer with one word")]
+    assert len(questions) > 150 and all(q.endswith("?") for q in questions)
+    for user, answer in pairs:
+        first, _, sentence = user.partition("\n")
+        if first == "How many words are in this sentence?":
+            assert int(answer) == len(re.findall(r"[A-Za-z][A-Za-z'-]*", sentence))
+        elif first == "Rewrite this sentence in upper case:":
+            assert answer == sentence.upper()
+        assert ":ref:`" not in answer and ":func:`" not in answer  # reST roles turned into text
+    # no FAQ question is in both splits, also through its task rows
+    train_text = " ".join(u for u, _ in chat_pairs("instruct", "train"))
+    for user, _ in chat_pairs("instruct", "eval"):
+        if "\n" not in user and not user.startswith("Answer"):
+            assert user not in train_text
+
+
+def test_code_answers_complete_the_prompted_function() -> None:
+    for user, answer in chat_pairs("code", "train") + chat_pairs("code", "eval"):
+        prompt = user.split("\n\n", 1)[1]
+        assert answer.startswith(" ") and answer not in prompt  # the body: indented, new code
+        compile(prompt + answer + "\n", "<humaneval>", "exec")
+
+
+def test_sonnets_begin_with_the_asked_line() -> None:
+    pairs = chat_pairs("sonnets", "train") + chat_pairs("sonnets", "eval")
+    assert len(pairs) == 154
+    for user, answer in pairs:
+        lines = answer.split("\n")
+        assert 12 <= len(lines) <= 15 and lines[0].rstrip(",;:.") in user

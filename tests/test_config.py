@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sft.cli import main
-from sft.config import load_recipe
+from sft.config import load_recipe, warmup_warnings
 from sft.errors import SftError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +23,15 @@ def test_quickstart_recipe_loads_with_overrides() -> None:
     assert [s.path for s in r.data.train] == ["x.jsonl"]
     # `model: NAME` shorthand still takes nested overrides
     assert load_recipe(QUICKSTART, ["model.dtype=bfloat16"]).model.dtype == "bfloat16"
+
+
+def test_warmup_longer_than_the_run_is_said_not_refused() -> None:
+    # A short trial of a longer recipe (the README's train.max_steps=4 on a recipe with 5 warmup steps) runs.
+    r = load_recipe(QUICKSTART, ["train.max_steps=2"])
+    assert r.optim.warmup_steps == 5
+    (line,) = warmup_warnings(r.optim, 2)
+    assert "optim.warmup_steps=5 is not below the run's 2 steps" in line and "never reaches optim.lr" in line
+    assert warmup_warnings(r.optim, 6) == []
 
 
 def test_every_shipped_recipe_is_valid() -> None:

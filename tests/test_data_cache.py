@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from sft.config import DataConfig, DataSource
-from sft.data.cache import data_cache_dir
 from sft.data.prepare import load_source
+from sft.paths import data_cache_dir
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_entries_are_plain_arrays_and_complete(cache: Path, tmp_path: Path, toke
     assert sorted(p.name for p in entry.iterdir()) == ["ids.npy", "offsets.npy", "stats.json", "trained.npy"]
     for name in ("ids", "offsets", "trained"):
         np.load(entry / f"{name}.npy", allow_pickle=False)
-    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no partial entry left aside
 
 
 def test_unwritable_cache_trains_without_it(

@@ -1,4 +1,4 @@
-"""Chat rows -> tokens and loss mask on the built-in model's ChatML template and on Llama 3 / Qwen 2.5 style
+"""Chat rows -> tokens and loss mask on the built-in model's ChatML template and on the Llama 3 / Qwen 2.5
 template fixtures (masks decoded back to text); bad rows name file:line; the length policy is counted."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from sft.data.chat import IGNORE_INDEX, tokenize_chat
 from sft.data.formats import RowFormat
 from sft.data.sources import open_source
 from sft.errors import SftError
+from tests.conftest import swap_template
 
-TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 MULTI_TURN = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Name a prime."},
@@ -30,24 +30,13 @@ def trained_text(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str
     return tokenizer.decode([t for t, lab in zip(input_ids, labels, strict=True) if lab != IGNORE_INDEX])
 
 
-def template_tokenizer(builtin_dir: Path, name: str) -> Any:
-    """The built-in tokenizer with another model family's chat template and special tokens (fixtures)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(builtin_dir)
-    spec = json.loads((TEMPLATES / f"{name}.json").read_text())
-    tok.add_special_tokens({k: spec[k] for k in ("bos_token", "eos_token", "pad_token") if k in spec})
-    tok.add_tokens(spec["special_tokens"], special_tokens=True)
-    tok.chat_template = (TEMPLATES / f"{name}.jinja").read_text()
-    return tok
-
-
 @pytest.fixture(scope="module", params=["chatml", "llama3", "qwen2_5"])
-def any_template(request: pytest.FixtureRequest, tokenizer: Any, builtin_dir: Path) -> tuple[Any, str]:
-    """(tokenizer, end-of-turn marker) for each template: the built-in ChatML one and the fixtures."""
+def any_template(request: pytest.FixtureRequest, tokenizer: Any) -> tuple[Any, str]:
+    """(tokenizer, end-of-turn marker) for each template: the built-in ChatML one and two fixtures (all the
+    fixture families: tests/test_data_templates.py)."""
     if request.param == "chatml":
         return tokenizer, "<|im_end|>"
-    tok = template_tokenizer(builtin_dir, request.param)
+    tok = swap_template(tokenizer, request.param)
     return tok, tok.eos_token
 
 
@@ -130,14 +119,15 @@ def test_length_policy_is_counted(tokenizer: Any) -> None:
     assert stats.total.truncated == 0 and stats.total.samples == stats.total.rows == 100 and len(full) == 100
     cut, stats = load_samples(src, tokenizer, DataConfig(max_seq_len=96))
     assert stats.total.truncated > 0 and all(len(s.input_ids) <= 96 for s in cut) and len(cut) == 100
-    cut, stats = load_samples(src, tokenizer, DataConfig(max_seq_len=44, on_bad_row="skip"))
-    # rows whose prompt alone fills 44 tokens have nothing left to train: bad rows, skipped and counted
-    assert (
-        stats.total.samples + stats.total.skipped == stats.total.rows
-        and stats.total.skipped > 0
-        and stats.total.truncated > 0
-    )
-    assert "truncation leaves nothing to learn" in stats.report()
+    # rows whose prompt alone fills 44 tokens have nothing left to train: skipped and counted, and when more
+    # than data.max_untrained_share of a source's rows, an error before anything trains
+    with pytest.raises(SftError, match=r"jargon/eval: (\d+) of 100 rows .* give no trained token, more than"):
+        load_samples(src, tokenizer, DataConfig(max_seq_len=44, on_bad_row="skip"))
+    # allowed, the rows are skipped and counted; but then no sample keeps its <|im_end|>: never learns to stop
+    with pytest.raises(SftError, match="none of its .* samples trains its end-of-turn marker '<|im_end|>'"):
+        load_samples(src, tokenizer, DataConfig(max_seq_len=44, on_bad_row="skip", max_untrained_share=1))
+    cut, stats = load_samples(src, tokenizer, DataConfig(max_seq_len=64, on_bad_row="skip"))
+    assert stats.total.truncated > 0 and 0 < stats.total.stop_trained < stats.total.stop_expected == 100
     kept, stats = load_samples(src, tokenizer, DataConfig(max_seq_len=96, on_overflow="drop"))
     assert stats.total.dropped_too_long > 0 and len(kept) == stats.total.rows - stats.total.dropped_too_long
     assert all(len(s.input_ids) <= 96 for s in kept)

@@ -16,10 +16,11 @@ import torch
 
 from sft.config import DataConfig, DataSource
 from sft.data import load_samples
-from sft.data.chat import IGNORE_INDEX
+from sft.data.chat import IGNORE_INDEX, trained_tokens
 from sft.data.collate import Item, flat_collate, pack_collate, pad_collate, real_tokens
+from sft.data.indexed import IndexedSamples, PackedRows
 from sft.data.pack import fill_rows, pack, slots
-from sft.loss import count_targets, loss_sum
+from sft.loss import loss_sum
 from sft.train import train
 from tests.conftest import tiny_recipe
 
@@ -65,11 +66,11 @@ def test_collate_layouts(tokenizer: Any) -> None:
     assert (batch["labels"][1, n2:] == IGNORE_INDEX).all() and (pos[1, n2:] == 0).all()
     real = sum(len(ids) for ids, _ in its[:3])
     assert real_tokens(batch) == real and batch["input_ids"].shape[1] % 8 == 0
-    assert count_targets(batch) == sum(int((lab[1:] != IGNORE_INDEX).sum()) for _, lab in its[:3])
+    assert trained_tokens(batch["labels"]) == sum(int((lab[1:] != IGNORE_INDEX).sum()) for _, lab in its[:3])
     flat = flat_collate(its[:3])
     assert flat["input_ids"].shape == (1, real) and real_tokens(flat) == real
     padded = pad_collate(its[:3], tokenizer.pad_token_id)
-    assert real_tokens(padded) == real and count_targets(padded) == count_targets(batch)
+    assert real_tokens(padded) == real and trained_tokens(padded["labels"]) == trained_tokens(batch["labels"])
 
 
 def per_sample_logits(model: Any, its: list[Item]) -> list[torch.Tensor]:
@@ -140,7 +141,9 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir: Path, tokenizer: Any) 
     with torch.no_grad():
         a = sum(float(loss_sum(model, b, "fp32")) for b in padded)
         b = sum(float(loss_sum(model, b, "fp32")) for b in packed)
-    assert sum(map(count_targets, padded)) == sum(map(count_targets, packed))
+    assert sum(trained_tokens(b["labels"]) for b in padded) == sum(
+        trained_tokens(b["labels"]) for b in packed
+    )
     assert abs(a - b) <= 1e-5 * abs(a)
     assert sum(b["input_ids"].numel() for b in packed) < sum(b["input_ids"].numel() for b in padded)
 
@@ -184,11 +187,12 @@ def test_no_token_lost_or_duplicated_by_the_pipeline(
         train__grad_accum=3,
     )
     data = DataPipeline(recipe, tokenizer)
-    assert data.sampler is not None
-    for step in (0, 1, data.steps_per_epoch + 2):
+    steps = data.steps
+    assert isinstance(steps, (IndexedSamples, PackedRows))
+    for step in (0, 1, steps.steps_per_epoch + 2):
         wanted: Counter[tuple[int, ...]] = Counter()
-        for i in data.sampler.samples(step):
-            ids, _ = data.train.ids_labels(i)
+        for i in steps.sampler.samples(step):
+            ids, _ = steps.corpus.item(i)
             wanted[tuple(ids.tolist())] += 1
         got: Counter[tuple[int, ...]] = Counter()
         batches = data.micro_batches(step)
@@ -227,10 +231,10 @@ def test_rows_mode_packs_every_sample_of_an_epoch_once_into_nearly_full_rows(
         )
         return DataPipeline(recipe, tokenizer, rank, 2)
 
-    ranks = [pipe(0), pipe(1)]
+    ranks = [pipe(0).steps, pipe(1).steps]
+    assert isinstance(ranks[0], PackedRows) and isinstance(ranks[1], PackedRows)
     s = ranks[0].sampler
-    assert s is not None and hasattr(s, "epoch_rows")
-    lengths = ranks[0].train.lengths
+    lengths = ranks[0].corpus.store.lengths
     for epoch in (0, 1):
         rows = s.epoch_rows(epoch)
         assert sorted(i for row in rows for i in row) == sorted(s.epoch_order(epoch))
@@ -243,8 +247,8 @@ def test_rows_mode_packs_every_sample_of_an_epoch_once_into_nearly_full_rows(
     seen: list[int] = []
     for rank in ranks:
         for step in range(rank.steps_per_epoch):
-            seen += rank.sampler.samples(step)  # type: ignore[union-attr]
+            seen += rank.sampler.samples(step)
     assert len(seen) == len(set(seen))  # disjoint across steps and ranks
     assert len(seen) == len(s.epoch_order(0)) - sum(len(r) for r in s.epoch_rows(0)[-s.dropped_per_epoch :])
-    second = ranks[0].sampler.micro_batches(s.steps_in_epoch(0))  # type: ignore[union-attr]
+    second = ranks[0].sampler.micro_batches(s.steps_in_epoch(0))
     assert second[0][0] == s.epoch_rows(1)[0]  # the first step of epoch 1 starts its rows

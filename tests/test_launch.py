@@ -60,7 +60,7 @@ def test_trainer_entry_always_resumes(tmp_path: Path) -> None:
         recipe,
         "train.max_steps=5",
         "resume=false",
-        "resume=true",
+        "resume=auto",
     ]
     assert spec.output_dir == (tmp_path / "run").resolve()
     assert spec.name == "sft-run"
@@ -403,7 +403,7 @@ def test_local_dry_run_prints_the_command(tmp_path: Path, capsys: pytest.Capture
         "train",
         str(recipe.resolve()),
         "train.max_steps=3",
-        "resume=true",
+        "resume=auto",
     ]
     assert line == "A='x y' " + shlex.join(trainer)
 
@@ -415,7 +415,7 @@ def test_bad_recipe_and_no_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         run_launch(namespace(recipe, ["launch.nodes=0"], "slurm"))
     with pytest.raises(SftError, match="unknown key 'launch.gpus'"):
         run_launch(namespace(recipe, ["launch.gpus=8"], "slurm"))
-    with pytest.raises(SftError, match="always runs the trainer with resume=true"):
+    with pytest.raises(SftError, match="always runs the trainer with resume=auto"):
         run_launch(namespace(recipe, ["overwrite=true"], "slurm"))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     for backend in ("slurm", "submitit"):

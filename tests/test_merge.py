@@ -21,7 +21,7 @@ from sft.errors import SftError
 from sft.merge import methods, run_merge
 from sft.merge.config import MergeConfig, load_merge_config, parse_size, validate_merge_config
 from sft.merge.run import merge
-from sft.merge.stream import Checkpoint, ShardedWriter, TensorSpec
+from sft.safetensors_io import Checkpoint, ShardedWriter, TensorSpec
 from tests.conftest import QUANT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +120,11 @@ def test_config_validation_messages() -> None:
     assert "needs 'density'" in err({k: v for k, v in ok.items() if k != "density"})
     assert "'output' is required" in err({k: v for k, v in ok.items() if k != "output"})
     assert "density must be > 0" in err(ok | {"method": "dare_linear", "density": 0.0})
+    assert "lower epsilon" in err(ok | {"method": "della", "density": 0.1, "epsilon": 0.2})
+    assert "'epsilon' is not used by method ties" in err(ok | {"epsilon": 0.1})
+    assert "models.1.density: values must lie in [0, 1]" in err(
+        ok | {"models": ["a", {"path": "b", "density": [0.5, 1.2]}]}
+    )
     assert "exactly two" in err({"method": "slerp", "models": ["a", "b", "c"], "t": 0.5, "output": "o"})
     assert "needs 't'" in err({"method": "slerp", "models": ["a", "b"], "output": "o"})
     assert "[0, 1]" in err({"method": "slerp", "models": ["a", "b"], "t": [0, 1.5], "output": "o"})
@@ -256,7 +261,7 @@ def expected_merge(c: MergeConfig, tiny: dict[str, Path]) -> dict[str, torch.Ten
     models = [weights(tiny[m.path.rsplit("/", 1)[-1]]) for m in c.models]
     base = weights(tiny["base"])
     w = [m.weight for m in c.models]
-    d = [c.density_of(i) for i in range(len(c.models))]
+    d = [float(c.density_setting(i)) for i in range(len(c.models))]  # type: ignore[arg-type]
     out = {}
     for name in base:
         ts = [m[name] for m in models]
@@ -336,11 +341,12 @@ def test_slerp_t_varies_by_layer(tiny: dict[str, Path], tmp_path: Path) -> None:
         cfg(method="slerp", models=[tiny["a"], tiny["b"]], t=[0.0, 1.0], output=tmp_path / "o"), log=quiet
     )
     got, a, b = weights(result.output), weights(tiny["a"]), weights(tiny["b"])
-    # t runs from 0 at layer 0 to 1 at the last layer; embeddings sit before layer 0, norm and head after.
+    # t runs from 0 at layer 0 to 1 at the last layer; as in mergekit, every tensor outside the decoder
+    # layers (embeddings, final norm, head) takes the first value.
     for name in got:
-        if ".layers.0." in name or "embed_tokens" in name:
+        if ".layers.0." in name or "embed_tokens" in name or name in ("model.norm.weight", "lm_head.weight"):
             assert torch.allclose(got[name], a[name], atol=1e-6), name
-        elif ".layers.2." in name or name in ("model.norm.weight", "lm_head.weight"):
+        elif ".layers.2." in name:
             assert torch.allclose(got[name], b[name], atol=1e-6), name
         else:  # layer 1: t = 0.5
             assert torch.allclose(got[name], methods.slerp(a[name], b[name], 0.5), atol=1e-6), name

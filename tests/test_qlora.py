@@ -300,6 +300,7 @@ def test_qlora_loss_falls_on_the_builtin_model(tmp_path: Path) -> None:
             "checkpoint.every=null",
             "logging.wandb.mode=disabled",
             "logging.progress=false",
+            "logging.plots=false",
         ],
     )
     results = train(recipe)

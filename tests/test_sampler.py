@@ -9,15 +9,24 @@ from typing import Any
 import pytest
 import torch
 
+from sft.config import TrainConfig
+from sft.data.indexed import IndexedSamples, PackedRows
 from sft.data.mixture import Mixture
 from sft.data.sampler import StepSampler
 from tests.conftest import tiny_recipe
 
 
+def sampler(
+    num_samples: int, micro_batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int
+) -> StepSampler:
+    train = TrainConfig(micro_batch_size=micro_batch_size, grad_accum=grad_accum)
+    return StepSampler(Mixture([num_samples], None, seed), train, world_size, rank)
+
+
 def step_samples(sampler_args: dict[str, Any], world: int, step: int) -> list[int]:
     out: list[int] = []
     for rank in range(world):
-        s = StepSampler(world_size=world, rank=rank, **sampler_args)
+        s = sampler(world_size=world, rank=rank, **sampler_args)
         for mb in s.micro_batches(step):
             out.extend(mb)
     return sorted(out)
@@ -32,14 +41,14 @@ def test_global_batch_is_the_same_whatever_the_split() -> None:
 
 
 def test_order_is_a_function_of_seed_and_epoch_and_ranks_are_disjoint() -> None:
-    s = StepSampler(num_samples=50, micro_batch_size=5, grad_accum=1, world_size=2, rank=0, seed=1)
-    t = StepSampler(num_samples=50, micro_batch_size=5, grad_accum=1, world_size=2, rank=1, seed=1)
+    s = sampler(num_samples=50, micro_batch_size=5, grad_accum=1, world_size=2, rank=0, seed=1)
+    t = sampler(num_samples=50, micro_batch_size=5, grad_accum=1, world_size=2, rank=1, seed=1)
     assert s.steps_per_epoch == 5 and s.dropped_per_epoch == 0
     epoch0 = [i for k in range(5) for mb in s.micro_batches(k) + t.micro_batches(k) for i in mb]
     assert sorted(epoch0) == list(range(50))  # covering, no repeats within an epoch
-    again = StepSampler(num_samples=50, micro_batch_size=5, grad_accum=1, world_size=2, rank=0, seed=1)
+    again = sampler(num_samples=50, micro_batch_size=5, grad_accum=1, world_size=2, rank=0, seed=1)
     assert [again.micro_batches(k) for k in range(7)] == [s.micro_batches(k) for k in range(7)]
-    other = StepSampler(num_samples=50, micro_batch_size=5, grad_accum=1, world_size=2, rank=0, seed=2)
+    other = sampler(num_samples=50, micro_batch_size=5, grad_accum=1, world_size=2, rank=0, seed=2)
     assert other.micro_batches(0) != s.micro_batches(0)
     assert s.micro_batches(5) != s.micro_batches(0)  # a new epoch is a new permutation
 
@@ -96,7 +105,7 @@ def test_pipeline_resume_mid_epoch_gives_the_very_next_batches(
         return DataPipeline(recipe, tokenizer, rank, 2)
 
     whole = [pipe(0), pipe(1)]
-    spe = whole[0].steps_per_epoch
+    spe = whole[0].steps.steps_per_epoch
     if mode == "batch":
         assert spe == 200 // (4 * 2 * 2)
     steps = list(range(spe + 3))  # into the second epoch
@@ -107,8 +116,11 @@ def test_pipeline_resume_mid_epoch_gives_the_very_next_batches(
             for a, b in zip(resumed.micro_batches(k), run[rank][k], strict=True):
                 assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     # ranks take disjoint samples of each step, and together the global batch
-    s0, s1 = whole[0].sampler, whole[1].sampler
-    assert s0 is not None and s1 is not None
+    per_rank = [w.steps for w in whole]
+    assert isinstance(per_rank[0], (IndexedSamples, PackedRows)) and isinstance(
+        per_rank[1], (IndexedSamples, PackedRows)
+    )
+    s0, s1 = per_rank[0].sampler, per_rank[1].sampler
     for k in steps:
         mine, theirs = s0.samples(k), s1.samples(k)
         assert not set(mine) & set(theirs)
@@ -117,5 +129,5 @@ def test_pipeline_resume_mid_epoch_gives_the_very_next_batches(
         else:  # 8 rows each
             assert len(s0.micro_batches(k)[0]) == len(s1.micro_batches(k)[1]) == 4
     # the mixture's shares: 150 of the first source, 50 of the second per epoch
-    assert whole[0].mixture.counts == [150, 50]
+    assert per_rank[0].corpus.mixture.counts == [150, 50]
     assert "samples per epoch: builtin:jargon/train 150, builtin:jargon/eval 50" in whole[0].describe()

@@ -210,7 +210,7 @@ def test_sft_launch_submits_and_says_how_to_follow(
             "train",
             str(recipe.resolve()),
             "launch.sbatch_extra=['--hold']",
-            "resume=true",
+            "resume=auto",
         ]
         assert shlex.join(trainer) + " &" in script
     finally:

@@ -34,7 +34,7 @@ DS = ["strategy.name=deepspeed"]
 def test_bundled_ds_configs_fill_every_auto_from_the_recipe(
     overrides: list[str], stage: int, offload: bool
 ) -> None:
-    from sft.strategies.ds_config import config_path, fill_config
+    from sft.ds_config import config_path, fill_config
 
     recipe = load_recipe(
         REPO / "recipes" / "quickstart.yaml",
@@ -102,7 +102,7 @@ def test_user_ds_json_contradicting_the_recipe_fails_before_launch(
 
 
 def test_user_ds_json_agreeing_with_the_recipe_is_accepted(tmp_path: Path) -> None:
-    from sft.strategies.ds_config import fill_config
+    from sft.ds_config import fill_config
 
     path = _user_json(
         tmp_path, train_micro_batch_size_per_gpu=8, gradient_clipping=1.0, zero_optimization__stage=2
@@ -189,7 +189,7 @@ def test_single_strategy_refuses_several_processes(tiny_model_dir: Path, tmp_pat
 def test_large_export_is_sharded_with_an_index_and_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.strategies.base import save_hf_folder
+    from sft.export import save_hf_folder
 
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", method="full")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -207,8 +207,8 @@ def test_large_export_is_sharded_with_an_index_and_loads(tiny_model_dir: Path, t
 
 
 def test_fsdp_shards_each_decoder_layer(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sft.model.layers import decoder_layers
     from sft.model.load import add_lora, load_model
-    from sft.strategies.fsdp2 import decoder_layers
 
     recipe = tiny_recipe(tiny_model_dir, tmp_path, method="lora")
     model = load_model(recipe.model, torch.device("cpu"))

@@ -5,16 +5,17 @@ linear layer to 4-bit NF4 with double quantization (bitsandbytes), adds LoRA r=1
 and trains with gradient checkpointing, bf16 autocast and paged 8-bit AdamW at sequence length 2048, batch 2.
 Prints the harness's memory report, peak memory (torch.cuda.max_memory_allocated) and tokens/s.
 Published reference: ~7.4 GiB peak at 2,413 tokens/s for Llama-3.1-8B QLoRA on one RTX 4090 (torchtune's table;
-torchtune computes the loss in chunks, we take the full logits as the harness does).
+torchtune computes the loss in chunks, and so does the harness: sft.loss's chunked loss, used here too).
 
 Same pieces as `sft train` with recipes/qlora_llama3_8b_24gb.yaml (the 4-bit layers transformers would make,
 peft LoRA as in sft.model.load.add_lora, the harness's eval-safety switch and memory report), but the weights
 are random and quantized in place, since an 8B checkpoint cannot be downloaded on the benchmark machine.
-Needs torch, transformers, peft and bitsandbytes; imports from sft only sft.model.quant (no pydantic).
+Needs torch, transformers, peft and bitsandbytes; imports from sft sft.model.quant and sft.loss (pydantic).
 
-On the lent GPU machine (no bitsandbytes there; ~2-3 minutes on an H200), carry the wheel (43 MB):
+On the lent GPU machine (no bitsandbytes or pydantic there; ~2-3 minutes on an H200), carry the wheels (46 MB):
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+        --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 -d .whl bitsandbytes==0.50.2 \\
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
         PYTHONPATH=/tmp/site:. python3 bench/gpu/bench_qlora.py --json $OUT/qlora.json
 Dry run of the same logic on CPU with a tiny config (seconds):
@@ -32,22 +33,15 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for sft.model.quant
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # the repo, for sft.model.quant
 
 GIB = 1024**3
 REFERENCE = "torchtune, Llama-3.1-8B QLoRA, one RTX 4090: ~7.4 GiB peak, 2,413 tokens/s"
 
-LLAMA_31_8B = dict(  # meta-llama/Llama-3.1-8B's config.json, shapes only
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
+# meta-llama/Llama-3.1-8B's published architecture numbers, as sft bundles them for the memory planner
+LLAMA_31_8B = json.loads(
+    (REPO / "sft" / "model" / "bundled_configs" / "meta-llama" / "Llama-3.1-8B" / "config.json").read_text()
 )
 TINY = dict(
     vocab_size=1024,
@@ -182,9 +176,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     model.train()
 
+    from sft.loss import loss_sum
+
+    inputs = {"input_ids": ids, "labels": ids}
+    targets = ids[:, 1:].numel()
+
     def step() -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = loss_sum(model, inputs, "bf16" if cuda else "fp32") / targets  # chunked: no full logits
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()

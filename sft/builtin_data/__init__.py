@@ -15,6 +15,9 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS: dict[str, str] = {
     "jargon": "chat Q&A: what a hacker-jargon term means, answered from the Jargon File (public domain)",
     "shakespeare": "raw text: six Shakespeare plays in ~4,000-character chunks, one play held out (public domain)",
+    "instruct": "chat: varied instructions (Python FAQ questions and answers, text tasks with one right answer; PSF)",
+    "code": "chat: complete a Python function from its signature and docstring (HumanEval, MIT)",
+    "sonnets": "chat: write a sonnet that begins with a given line (Shakespeare's sonnets, public domain)",
 }
 SPLITS = ("train", "eval")
 ROOT = Path(__file__).parent
@@ -37,3 +40,17 @@ def builtin_data_path(spec: str) -> Path:
     if not path.is_file():
         raise SftError(f"built-in data set {spec!r} is missing its file {path}; reinstall the sft package")
     return path
+
+
+def write_held_out_splits(out: Path, rows: list[dict], held: set[int], readme: str) -> None:
+    """The generators' last step: rows whose index is in `held` go to eval.jsonl, the rest to train.jsonl, in
+    their order; README.md is `readme` formatted with the counts (`eval_rows`, `train`, `eval`)."""
+    import json
+
+    train = [r for i, r in enumerate(rows) if i not in held]
+    evals = [r for i, r in enumerate(rows) if i in held]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, split in (("train", train), ("eval", evals)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split))
+    (out / "README.md").write_text(readme.format(eval_rows=len(held), train=len(train), eval=len(evals)))
+    print(f"train {len(train)} rows, eval {len(evals)} rows -> {out}")

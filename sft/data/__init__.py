@@ -2,8 +2,9 @@
 
 One file per stage: sources.py (reading rows), formats.py (row -> conversation / text), chat.py (tokens and
 loss mask), lengths.py (truncate / drop / split), prepare.py (a source -> samples, counted), cache.py,
-store.py, mixture.py and sampler.py (which samples each step), pack.py and collate.py (batch tensors),
-streaming.py, pipeline.py (what the loop sees) and preview.py (`sft data preview`).
+store.py, mixture.py and sampler.py (which samples each step), pack.py and collate.py (batch tensors and the
+layout), streaming.py (reading a stream), steps.py (the protocol of the training steps) with one class per
+data mode in indexed.py and streamed.py, pipeline.py (builds what the loop sees) and preview.py.
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,16 +17,20 @@ from typing import Any
 
 from sft.data.stats import SourceStats
 from sft.data.store import TokenStore
+from sft.paths import data_cache_dir
+from sft.publish import publishing
 
 CACHE_VERSION = 1
 # The code that decides the tokens is part of the key too: changing it can never serve stale entries.
-TOKENIZING_CODE = ("sources.py", "formats.py", "chat.py", "lengths.py", "prepare.py", "store.py")
-
-
-def data_cache_dir() -> Path:
-    from sft.model.builtin import cache_root
-
-    return cache_root() / "data"
+TOKENIZING_CODE = (
+    "sources.py",
+    "formats.py",
+    "chat.py",
+    "template.py",
+    "lengths.py",
+    "prepare.py",
+    "store.py",
+)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -82,11 +84,9 @@ def cached(
         if _complete(entry):  # another process built it while we waited
             return _load(entry) + (True,)
         store, stats = build()
-        tmp = entry.with_name(f".{key}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        store.save(tmp)
-        (tmp / "stats.json").write_text(json.dumps(stats.to_json(), indent=1) + "\n")
-        os.replace(tmp, entry)
+        with publishing(entry) as folder:
+            store.save(folder)
+            (folder / "stats.json").write_text(json.dumps(stats.to_json(), indent=1) + "\n")
         return _load(entry) + (False,)
     finally:
         lock.release()

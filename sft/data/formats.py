@@ -1,6 +1,6 @@
 """Rows of the supported formats -> one normalized `Example`: a conversation, a prompt/completion, or text.
 
-Formats: `messages` (role/content), ShareGPT (`conversations` of from/value), Alpaca (instruction, input,
+Formats: `messages` (role/content, and `reasoning_content` on assistant turns), ShareGPT (`conversations` of from/value), Alpaca (instruction, input,
 output), `prompt`/`completion` and raw `text`. `columns` renames fields for other layouts. A row that does not
 fit raises `BadRow` with what is wrong and how to fix it; the caller adds the file and row.
 """
@@ -35,6 +35,10 @@ class BadRow(Exception):
     """A row that cannot become a training sample; the message says why and what to do."""
 
 
+class NothingTrained(BadRow):
+    """A row that gives no trained token (a prompt cut by truncation, an empty answer): counted apart."""
+
+
 @dataclass
 class Example:
     messages: list[dict[str, str]] | None = None  # a conversation (chat template applies)
@@ -46,10 +50,13 @@ class Example:
 class RowFormat:
     """Turns rows of one source into Examples; `columns` maps our field names to the data's."""
 
-    def __init__(self, fmt: str, columns: dict[str, str], system_prompt: str | None) -> None:
+    def __init__(
+        self, fmt: str, columns: dict[str, str], system_prompt: str | None, merge_system: bool = False
+    ) -> None:
         self.format = fmt
         self.columns = columns
         self.system_prompt = system_prompt
+        self.merge_system = merge_system  # data.system_role=merge: into the first user turn
 
     def field(self, name: str) -> str:
         return self.columns.get(name, name)
@@ -122,7 +129,7 @@ class RowFormat:
         return value
 
     def _messages(self, turns: Any, role_key: str, content_key: str, roles: Any) -> list[dict[str, str]]:
-        rk, ck = self.field(role_key), self.field(content_key)
+        rk, ck, rc = self.field(role_key), self.field(content_key), self.field("reasoning_content")
         name = self.field("conversations" if role_key == "from" else "messages")
         if not isinstance(turns, list) or not turns:
             raise BadRow(f"'{name}' must be a non-empty list of {{{rk}, {ck}}} objects")
@@ -137,20 +144,46 @@ class RowFormat:
             role = roles[m[rk]] if isinstance(roles, dict) else m[rk]
             if role == "assistant" and not m[ck].strip():
                 raise BadRow(f"{name}[{i}] is an empty assistant turn")
-            out.append({"role": role, "content": m[ck]})
+            turn = {"role": role, "content": m[ck]}
+            if role == "assistant" and m.get(rc) is not None:  # reasoning kept apart from the answer
+                if not isinstance(m[rc], str):
+                    raise BadRow(f"{name}[{i}].{rc} must be a string")
+                turn["reasoning_content"] = m[rc]
+            out.append(turn)
         if not any(m["role"] == "assistant" for m in out):
             raise BadRow("the conversation has no assistant turn, so nothing would be trained")
         if out[0]["role"] == "assistant":
             raise BadRow("the conversation starts with an assistant turn; add the user turn before it")
+        if out[-1]["role"] != "assistant":  # a last turn nobody answers would be neither trained nor context
+            raise BadRow(
+                f"{name}[{len(out) - 1}] is a {out[-1]['role']} turn after the last assistant answer, so it is "
+                "neither trained nor context for anything; end the conversation with an assistant turn"
+            )
         return out
 
     def _with_system(self, row: dict[str, Any], msgs: list[dict[str, str]]) -> list[dict[str, str]]:
-        if msgs[0]["role"] == "system":
-            return msgs
-        system = row.get(self.field("system")) if self.field("system") in row else self.system_prompt
-        if isinstance(system, str) and system.strip():
-            return [{"role": "system", "content": system}, *msgs]
-        return msgs
+        if msgs[0]["role"] != "system":
+            system = row.get(self.field("system")) if self.field("system") in row else self.system_prompt
+            if isinstance(system, str) and system.strip():
+                msgs = [{"role": "system", "content": system}, *msgs]
+        return _merge_system(msgs) if self.merge_system else msgs
+
+
+def _merge_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
+    """System turns folded into the first user turn after them (for templates without a system role)."""
+    out: list[dict[str, str]] = []
+    pending: list[str] = []
+    for m in msgs:
+        if m["role"] == "system":
+            pending.append(m["content"])
+        elif m["role"] == "user" and pending:
+            out.append({**m, "content": "\n\n".join([*pending, m["content"]])})
+            pending = []
+        else:
+            out.append(m)
+    if pending:
+        raise BadRow("a system turn with no user turn after it cannot be merged (data.system_role=merge)")
+    return out
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -5,12 +5,12 @@ Every outcome is returned as an event so the statistics count it; nothing is cut
 
 from __future__ import annotations
 
-from sft.data.chat import IGNORE_INDEX, Sample
-from sft.data.formats import BadRow
+from sft.data.chat import IGNORE_INDEX, Sample, trained_tokens
+from sft.data.formats import NothingTrained
 
 
 def has_targets(sample: Sample) -> bool:
-    return any(t != IGNORE_INDEX for t in sample.labels[1:])
+    return trained_tokens(sample.labels) > 0
 
 
 def fit_length(
@@ -18,19 +18,19 @@ def fit_length(
 ) -> tuple[list[Sample], str | None, int]:
     """Apply the policy: (samples to keep, event, chunks left out as they hold no trained token).
 
-    The event is None, truncated, dropped or split. Raises BadRow when the row cannot give any trained token.
+    The event is None, truncated, dropped or split. Raises NothingTrained (a BadRow) when the row cannot give any trained token.
     """
     n = len(sample.input_ids)
     if n <= max_len:
         if not has_targets(sample):
-            raise BadRow("nothing to train: the row has no trained token (is the answer empty?)")
+            raise NothingTrained("nothing to train: the row has no trained token (is the answer empty?)")
         return [sample], None, 0
     if policy == "drop":
         return [], "dropped", 0
     if policy == "truncate":
         cut = Sample(sample.input_ids[:max_len], sample.labels[:max_len])
         if not has_targets(cut):
-            raise BadRow(
+            raise NothingTrained(
                 f"the row is {n} tokens and none of its first {max_len} is trained, so truncation leaves "
                 "nothing to learn; raise data.max_seq_len, or use data.on_overflow=drop or split"
             )
@@ -50,5 +50,5 @@ def fit_length(
         else:
             empty += 1  # e.g. a chunk that is all prompt
     if not chunks:
-        raise BadRow(f"the row is {n} tokens and no chunk of {max_len} holds a trained token")
+        raise NothingTrained(f"the row is {n} tokens and no chunk of {max_len} holds a trained token")
     return chunks, "split", empty

@@ -27,27 +27,19 @@ def highlight(tokenizer: Any, ids: np.ndarray, trained: np.ndarray, color: bool)
     return "".join(out)
 
 
-def preview(recipe: Recipe, n: int = 3, color: bool | None = None) -> str:
-    from sft.data.collate import as_item, real_tokens
+def preview(recipe: Recipe, tokenizer: Any, n: int = 3, color: bool | None = None) -> str:
+    from sft.data.chat import trained_tokens
+    from sft.data.collate import real_tokens
     from sft.data.pipeline import DataPipeline
-    from sft.model.load import load_tokenizer
 
     color = sys.stdout.isatty() if color is None else color
-    tokenizer = load_tokenizer(recipe.model)
     data = DataPipeline(recipe, tokenizer)
     lines = []
-    if data.sampler is not None:
-        order = data.sampler.samples(0)[:n]  # the first step's samples (in their rows when packing by rows)
-        shown = [(recipe.data.train[data.train.locate(i)[0]].path, *data.train.ids_labels(i)) for i in order]
-    else:  # a stream: a reader of its own, so the pipeline still starts at the first sample
-        from sft.data.streaming import StreamReader
-
-        reader = StreamReader(recipe.data.train, tokenizer, recipe.data, recipe.seed, 0, 1)
-        shown = [("stream", *as_item(s)) for s in reader.take(n)]
-    for k, (source, ids, labels) in enumerate(shown):
+    # the first step's samples (in their rows when packing by rows); a stream's from a reader of their own
+    for k, (source, ids, labels) in enumerate(data.steps.first_samples(n)):
         trained = labels != IGNORE_INDEX
         lines.append(
-            f"---- sample {k + 1} of {source}: {len(ids)} tokens, {int(trained[1:].sum())} trained "
+            f"---- sample {k + 1} of {source}: {len(ids)} tokens, {trained_tokens(labels)} trained "
             + "-" * 20
         )
         lines.append(highlight(tokenizer, ids, trained, color))
@@ -56,7 +48,7 @@ def preview(recipe: Recipe, n: int = 3, color: bool | None = None) -> str:
         rows, width = batch["input_ids"].shape
         lines.append(
             f"micro-batch {a + 1}: {rows} rows x {width} tokens, {real_tokens(batch)} real, "
-            f"{int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())} trained"
+            f"{trained_tokens(batch['labels'])} trained"
         )
     lines.append("---- statistics " + "-" * 40)
     lines.append(data.describe())

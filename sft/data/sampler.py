@@ -1,44 +1,60 @@
-"""Which samples each rank trains on at each optimizer step.
+"""Which samples (or packed rows) each rank trains on at each optimizer step, for data held in memory.
 
-The order is a pure function of (seed, epoch), and the samples of global step k are the same whatever the
-micro batch, accumulation and world size: step k takes the k-th slice of `global_batch` indices of the
-epoch's order, and each rank takes its micro-batches from that slice. So resuming is just "start at
-step k", and the loss does not depend on how the global batch is split (DESIGN invariants 2 and 4).
-Each rank's share of an epoch is disjoint from the others', and together they cover the epoch.
+The order is a pure function of (seed, epoch), and the units of global step k are the same whatever the
+micro batch, accumulation and world size: step k takes the k-th slice of the global batch's units of the
+epoch's order, and each rank takes its micro-batches from that slice (`TrainConfig.rank_share`). So resuming
+is just "start at step k", and the loss does not depend on how the global batch is split (DESIGN invariants
+2 and 4). Each rank's share of an epoch is disjoint from the others', and together they cover the epoch.
+
+`StepSampler` orders samples (a unit is a sample index); `RowSampler` packs each epoch's samples into rows
+first (a unit is a row: a list of sample indices). Both answer the calls of `Sampler`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 
+from sft.config import TrainConfig
 from sft.data.mixture import Mixture, seeded_permutation
 from sft.data.pack import pack_in_windows
 
-T = TypeVar("T")
+
+class Sampler(Protocol):
+    global_batch: int
+    """Units (samples or rows) of one step over all ranks."""
+
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Units left over at the end of the first epoch (too few for a step)."""
+        ...
+
+    def total_steps(self, epochs: int) -> int: ...
+
+    def micro_batches(self, step: int) -> list[list[Any]]:
+        """This rank's micro-batches of units for optimizer step `step` (0-based)."""
+        ...
+
+    def samples(self, step: int) -> list[int]:
+        """This rank's sample indices for step `step`, in micro-batch (and row) order."""
+        ...
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The epoch's samples in the mixture's order."""
+        ...
 
 
 class StepSampler:
-    def __init__(
-        self,
-        num_samples: int,
-        micro_batch_size: int,
-        grad_accum: int,
-        world_size: int = 1,
-        rank: int = 0,
-        seed: int = 0,
-        shuffle: bool = True,
-        mixture: Mixture | None = None,
-    ) -> None:
-        self.mixture = mixture or Mixture([num_samples], None, seed, shuffle)
-        self.num_samples = self.mixture.epoch_size
-        self.micro_batch_size = micro_batch_size
-        self.grad_accum = grad_accum
-        self.world_size = world_size
-        self.rank = rank
-        self.global_batch = micro_batch_size * grad_accum * world_size
+    def __init__(self, mixture: Mixture, train: TrainConfig, world_size: int = 1, rank: int = 0) -> None:
+        self.mixture, self.train = mixture, train
+        self.num_samples = mixture.epoch_size
+        self.world_size, self.rank = world_size, rank
+        self.global_batch = train.global_batch(world_size)
         self.steps_per_epoch = self.num_samples // self.global_batch
 
     @property
@@ -53,13 +69,11 @@ class StepSampler:
         return epochs * self.steps_per_epoch
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        """Sample indices of each of this rank's micro-batches for optimizer step `step` (0-based)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         chunk = self.epoch_order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
-        return _rank_share(chunk, self.micro_batch_size, self.grad_accum, self.world_size, self.rank)
+        return self.train.rank_share(chunk, self.world_size, self.rank)
 
     def samples(self, step: int) -> list[int]:
-        """This rank's sample indices for step `step`, micro-batch after micro-batch."""
         return [i for mb in self.micro_batches(step) for i in mb]
 
 
@@ -80,16 +94,14 @@ class RowSampler:
         lengths: Sequence[int] | np.ndarray,
         capacity: int,
         window: int,
-        micro_batch_size: int,
-        grad_accum: int,
+        train: TrainConfig,
         world_size: int = 1,
         rank: int = 0,
     ) -> None:
         self.mixture, self.lengths = mixture, lengths
         self.capacity, self.window = capacity, window
-        self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
-        self.world_size, self.rank = world_size, rank
-        self.global_batch = micro_batch_size * grad_accum * world_size
+        self.train, self.world_size, self.rank = train, world_size, rank
+        self.global_batch = train.global_batch(world_size)
         self._rows: tuple[int, list[list[int]]] | None = None
         self._row_counts: list[int] = []  # rows of epoch 0, 1, ... as far as packed
 
@@ -129,6 +141,7 @@ class RowSampler:
         return self.rows_in_epoch(0) - self.steps_in_epoch(0) * self.global_batch
 
     def total_steps(self, epochs: int) -> int:
+        """Steps in `epochs` epochs (epochs differ by a step or so: their samples pack into different rows)."""
         return sum(self.steps_in_epoch(e) for e in range(epochs))
 
     def micro_batches(self, step: int) -> list[list[list[int]]]:
@@ -140,18 +153,8 @@ class RowSampler:
             step -= self.steps_in_epoch(epoch)
             epoch += 1
         chunk = self.epoch_rows(epoch)[step * self.global_batch : (step + 1) * self.global_batch]
-        return _rank_share(chunk, self.micro_batch_size, self.grad_accum, self.world_size, self.rank)
+        return self.train.rank_share(chunk, self.world_size, self.rank)
 
     def samples(self, step: int) -> list[int]:
         """This rank's sample indices for step `step`, row after row."""
         return [i for mb in self.micro_batches(step) for row in mb for i in row]
-
-
-def _rank_share(
-    chunk: list[T], micro_batch_size: int, grad_accum: int, world_size: int, rank: int
-) -> list[list[T]]:
-    """One rank's micro-batches of a step's global batch: micro-batch a of rank r is the (a * world + r)-th
-    slice of micro_batch_size units, so ranks are disjoint and the global batch is split the same way for any
-    accumulation."""
-    m, w = micro_batch_size, world_size
-    return [chunk[(a * w + rank) * m : (a * w + rank + 1) * m] for a in range(grad_accum)]

@@ -68,7 +68,20 @@ class RowSource:
             base += yield from READERS[self.kind](path, base, want)
 
     def fingerprint(self) -> str:
-        """Hash of the content this source reads (for the cache key)."""
+        """Hash of the content this source reads (the cache key's content part; run.json records it). Local
+        files are hashed once per process while their sizes and modification times stay the same."""
+        if self.kind == "hub":
+            return self._fingerprint()
+        files = self.files if self.kind != "saved" else sorted(self.files[0].rglob("*"))
+        key = (
+            self.kind,
+            tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()),
+        )
+        if key not in _FINGERPRINTS:
+            _FINGERPRINTS[key] = self._fingerprint()
+        return _FINGERPRINTS[key]
+
+    def _fingerprint(self) -> str:
         h = hashlib.sha256(self.kind.encode())
         if self.kind == "hub":
             ds = _load_dataset(self, streaming=False)
@@ -81,6 +94,9 @@ class RowSource:
                     while chunk := f.read(1 << 22):
                         h.update(chunk)
         return h.hexdigest()
+
+
+_FINGERPRINTS: dict[tuple[Any, ...], str] = {}
 
 
 def open_source(spec: DataSource) -> RowSource:

@@ -23,7 +23,12 @@ class SourceStats:
     split_chunks: int = 0  # samples those rows became
     empty_chunks: int = 0  # chunks left out because they hold no trained token
     skipped: int = 0  # bad rows skipped by on_bad_row=skip
+    untrained: int = 0  # of the skipped rows: those that gave no trained token (cut by truncation, say)
+    first_untrained: str = ""  # where and why, for the error when there are too many
     skipped_examples: list[str] = field(default_factory=list)
+    stop_expected: int = 0  # samples that should teach the model to stop (chat turns, completions)
+    stop_trained: int = 0  # of those: samples with a trained end-of-turn / eos token
+    quirks: dict[str, int] = field(default_factory=dict)  # what the chat template did -> rows
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped += 1
@@ -36,6 +41,8 @@ class SourceStats:
                 setattr(self, key, getattr(self, key) + value)
         room = MAX_EXAMPLES - len(self.skipped_examples)
         self.skipped_examples += other.skipped_examples[: max(room, 0)]
+        for quirk, n in other.quirks.items():
+            self.quirks[quirk] = self.quirks.get(quirk, 0) + n
 
     def summary(self) -> str:
         share = self.trained_tokens / max(self.tokens, 1)
@@ -46,6 +53,7 @@ class SourceStats:
             (self.split_rows, f"split into {self.split_chunks} samples"),
             (self.empty_chunks, "chunks without a trained token left out"),
             (self.skipped, "bad rows skipped"),
+            (self.untrained, "of them without a trained token"),
         ]
         said = [f"{n} {what}" for n, what in events if n]
         return line + ("; " + ", ".join(said) if said else "; nothing cut, dropped or skipped")
@@ -73,6 +81,14 @@ class DataStats:
 
     def summary(self) -> str:
         return self.total.summary()
+
+    def template_notes(self) -> list[str]:
+        """Per source, what its chat template did that the loss mask handled (sft data preview, train start)."""
+        return [
+            f"  {s.name}: template: {quirk} ({n} rows)"
+            for s in self.sources
+            for quirk, n in sorted(s.quirks.items())
+        ]
 
     def report(self) -> str:
         """Multi-line: totals, each source when there are several, and the first skipped rows."""

@@ -35,13 +35,6 @@ class TokenStore:
         ids, labels = self.ids_labels(i)
         return Sample(ids.tolist(), labels.tolist())
 
-    @classmethod
-    def from_samples(cls, samples: Sequence[Sample]) -> TokenStore:
-        b = StoreBuilder()
-        for s in samples:
-            b.add(s)
-        return b.build()
-
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for name in FILES:

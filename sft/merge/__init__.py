@@ -12,10 +12,9 @@ Importing this package imports no torch (`sft --help` stays fast).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-__all__ = ["add_merge_arguments", "run_merge"]
+__all__ = ["run_merge"]
 
 
 def run_merge(config_path: str, overrides: list[str]) -> Path:
@@ -28,12 +27,3 @@ def run_merge(config_path: str, overrides: list[str]) -> Path:
 
     cfg = load_merge_config(config_path or None, overrides)
     return merge(cfg).output
-
-
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    """No flags beyond CONFIG and key=value overrides: every option is a key (dry_run=true, overwrite=true)."""
-    parser.epilog = (
-        "keys: method, models (list of {path, weight, density}), adapter, base, output, dtype, normalize, scale, "
-        "density, t, seed, qlora_roundtrip, copy_from, vocab, max_shard_size, device, verify, prompts, overwrite, "
-        "dry_run. See docs/merge.md."
-    )

@@ -9,32 +9,51 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sft.config import describe_validation_error, read_yaml_mapping
 from sft.errors import SftError
+from sft.merge.params import Setting, anchors
 
-Method = Literal["lora", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
-METHODS: tuple[str, ...] = ("lora", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
+Method = Literal[
+    "lora",
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "slerp",
+]
+METHODS: tuple[str, ...] = get_args(Method)
 
 # The parameters each method reads; setting another one is a mistake worth reporting.
 _TASK = {"base", "normalize", "scale"}
+_RANDOM = {"density", "seed", "rescale", "semantics", *_TASK}
 METHOD_KEYS: dict[str, set[str]] = {
     "lora": {"adapter", "base"},
     "linear": {"models", "normalize"},
     "task_arithmetic": {"models", *_TASK},
-    "ties": {"models", "density", *_TASK},
-    "dare_linear": {"models", "density", "seed", *_TASK},
-    "dare_ties": {"models", "density", "seed", *_TASK},
+    "ties": {"models", "density", "semantics", *_TASK},
+    "dare_linear": {"models", *_RANDOM},
+    "dare_ties": {"models", *_RANDOM},
+    "della": {"models", "epsilon", *_RANDOM},
+    "della_linear": {"models", "epsilon", *_RANDOM},
+    "model_stock": {"models", "base", "filter_wise"},
     "slerp": {"models", "t"},
 }
 _METHOD_SPECIFIC = set().union(*METHOD_KEYS.values())
 # Per-model keys and the methods that read them.
-_USES_WEIGHT = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
-_USES_DENSITY = {"ties", "dare_linear", "dare_ties"}
+_USES_WEIGHT = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear"}
+_USES_DENSITY = {"ties", "dare_linear", "dare_ties", "della", "della_linear"}
+_RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
+# normalize defaults, as mergekit 0.1.5 sets them per method
+_NORMALIZED = {"linear", "ties", "della"}
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -64,10 +83,13 @@ class _Section(BaseModel):
 class InputModel(_Section):
     path: str
     """`builtin:NAME`, a Hugging Face folder with safetensors weights, or a LoRA adapter folder."""
-    weight: float = 1.0
-    """How much this model counts (λᵢ): linear, task arithmetic, TIES, DARE."""
-    density: float | None = Field(None, ge=0, le=1)
-    """TIES / DARE: fraction of this model's task vector kept; overrides the top-level `density`."""
+    weight: Setting = 1.0
+    """How much this model counts (wᵢ): linear, task arithmetic, TIES, DARE, DELLA. A list varies it over
+    the layers; a list of {filter, value} per tensor (sft/merge/params.py)."""
+    density: Setting | None = None
+    """TIES / DARE / DELLA: fraction of this model's task vector kept; overrides the top-level `density`."""
+    epsilon: Setting | None = None
+    """DELLA: overrides the top-level `epsilon`."""
 
 
 class MergeConfig(_Section):
@@ -84,12 +106,20 @@ class MergeConfig(_Section):
     """Divide by the sum of weights. Default: true for linear, TIES and DARE-TIES; false otherwise."""
     scale: float = 1.0
     """λ applied to the combined task vector (task arithmetic, TIES, DARE)."""
-    density: float | None = Field(None, ge=0, le=1)
-    """TIES: fraction of each task vector kept by magnitude. DARE: keep probability (> 0)."""
-    t: float | list[float] | None = None
+    density: Setting | None = None
+    """TIES: fraction of each task vector kept by magnitude. DARE / DELLA: keep probability (> 0)."""
+    epsilon: Setting = 0.15
+    """DELLA: keep probabilities run from density − epsilon (smallest magnitudes) to density + epsilon."""
+    rescale: bool = True
+    """DARE / DELLA: rescale what is kept (to the task vector's L1 norm; `semantics: paper`: 1/probability)."""
+    semantics: Literal["mergekit", "paper"] = "mergekit"
+    """Where mergekit and the papers differ (TIES ties and zero sums, DARE/DELLA rescale): docs/merge.md."""
+    filter_wise: bool = False
+    """Model Stock: one interpolation factor per row (output channel) instead of per tensor."""
+    t: Setting | None = None
     """SLERP: 0 gives models[0], 1 gives models[1]; a list varies across layers (first to last)."""
     seed: int = 0
-    """DARE: the random drop is seeded per model and tensor, so reruns give the same model."""
+    """DARE / DELLA: the random drop is seeded per model and tensor, so reruns give the same model."""
     qlora_roundtrip: bool | None = None
     """Apply the NF4/FP4 quantize→dequantize round trip the training saw; default: on for QLoRA adapters."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -147,26 +177,28 @@ class MergeConfig(_Section):
                 raise ValueError(f"models.{i}.weight is not used by method {m}; remove it")
             if model.density is not None and m not in _USES_DENSITY:
                 raise ValueError(f"models.{i}.density is not used by method {m}; remove it")
+            if model.epsilon is not None and not m.startswith("della"):
+                raise ValueError(f"models.{i}.epsilon is not used by method {m} (only by DELLA); remove it")
         if m == "lora":
             if not self.adapter:
                 raise ValueError("method lora needs 'adapter: PATH' (the adapter folder)")
             if self.copy_from not in (None, "base"):
                 raise ValueError("copy_from: lora takes config from the base; leave copy_from unset")
             return self
-        need = 2 if m in ("linear", "slerp") else 1
+        need = 2 if m in ("linear", "slerp", "model_stock") else 1
         if len(self.models) < need:
             raise ValueError(f"method {m} needs at least {need} entries under 'models'")
-        if m in ("task_arithmetic", "ties", "dare_linear", "dare_ties") and not self.base:
+        if m not in ("linear", "slerp") and not self.base:
             raise ValueError(f"method {m} combines task vectors θᵢ − base; set 'base: PATH'")
         if m == "slerp":
             self._check_slerp()
         if m in _USES_DENSITY:
             self._check_density()
         if self.normalize_default():
-            total = sum(x.weight for x in self.models)
-            if m in ("ties", "dare_ties") and any(x.weight <= 0 for x in self.models):
+            weights = [x.weight for x in self.models]
+            if m in ("ties", "dare_ties", "della") and any(min(anchors(w)) <= 0 for w in weights):
                 raise ValueError(f"{m} with normalize: true needs positive weights; set normalize: false")
-            if abs(total) < 1e-12:
+            if all(isinstance(w, float | int) for w in weights) and abs(sum(weights)) < 1e-12:  # type: ignore[arg-type]
                 raise ValueError("weights sum to 0, so normalize cannot divide by them; set normalize: false")
         if isinstance(self.copy_from, str) and self.copy_from != "base" and not self.copy_from.isdigit():
             raise ValueError("copy_from: expected 'base' or an index into models (0, 1, ...)")
@@ -177,28 +209,46 @@ class MergeConfig(_Section):
             raise ValueError("method slerp interpolates exactly two models; list two under 'models'")
         if self.t is None:
             raise ValueError("method slerp needs 't' (0..1, or a list of values across layers)")
-        values = self.t if isinstance(self.t, list) else [self.t]
+        values = anchors(self.t)
         if not values or any(not 0 <= x <= 1 for x in values):
             raise ValueError(f"t: values must lie in [0, 1] (got {self.t})")
 
     def _check_density(self) -> None:
-        dare = self.method.startswith("dare")
+        random = self.method in _RANDOM_METHODS
+        top = anchors(self.density)
+        if any(not 0 <= x <= 1 for x in top):
+            raise ValueError(f"density: values must lie in [0, 1] (got {self.density})")
         for i, model in enumerate(self.models):
-            d = model.density if model.density is not None else self.density
-            if d is None:
+            own = anchors(model.density)
+            if any(not 0 <= x <= 1 for x in own):
+                raise ValueError(f"models.{i}.density: values must lie in [0, 1] (got {model.density})")
+            values = own or top
+            if not values:
                 raise ValueError(f"method {self.method} needs 'density' (top level or models.{i}.density)")
-            if dare and d == 0:
-                raise ValueError(f"models.{i}: DARE rescales by 1/density, so density must be > 0")
+            if random and min(values) == 0 and self.rescale:
+                raise ValueError(f"models.{i}: {self.method} rescales what it keeps, so density must be > 0")
+            if self.method.startswith("della"):
+                eps = anchors(model.epsilon) or anchors(self.epsilon)
+                for d in values:
+                    if d < 1 and any(not (d - e > 0 and d + e < 1) for e in eps):
+                        raise ValueError(
+                            f"models.{i}: DELLA keeps with probabilities density ± epsilon, which must lie in "
+                            f"(0, 1) (density {d:g}, epsilon {max(eps):g}); lower epsilon"
+                        )
 
     def normalize_default(self) -> bool:
-        """The `normalize` in effect: explicit, else the method's default."""
+        """The `normalize` in effect: explicit, else the method's default (mergekit's)."""
         if self.normalize is not None:
             return self.normalize
-        return self.method in ("linear", "ties", "dare_ties")
+        return self.method in _NORMALIZED
 
-    def density_of(self, i: int) -> float:
+    def density_setting(self, i: int) -> Setting:
         d = self.models[i].density
         return d if d is not None else (self.density if self.density is not None else 1.0)
+
+    def epsilon_setting(self, i: int) -> Setting:
+        e = self.models[i].epsilon
+        return e if e is not None else self.epsilon
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

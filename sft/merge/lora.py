@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sft.errors import SftError
+from sft.export import ADAPTER_RECORD
 from sft.merge.sources import ADAPTER_CONFIG, FolderSource, read_json
-from sft.merge.stream import Checkpoint, TensorSpec
+from sft.safetensors_io import Checkpoint, TensorSpec
 
 if TYPE_CHECKING:
     import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-SFT_ADAPTER = "sft_adapter.json"
 _PREFIX = "base_model.model."
 # Adapter-file suffixes -> (role, kind of layer)
 _ROLES = {
@@ -43,6 +43,7 @@ _ROLES = {
 }
 # peft options that change what the saved tensors mean; merging them here would be silently wrong.
 _UNSUPPORTED_OPTIONS = (
+    "target_parameters",  # LoRA on fused mixture-of-experts weights (peft's all-linear on Qwen3-MoE, Mixtral)
     "layer_replication",
     "trainable_token_indices",
     "alora_invocation_tokens",
@@ -111,10 +112,10 @@ def read_adapter(folder: Path, what: str = "adapter") -> Adapter:
             "adapter_model.bin (a pickle file, not read)" if (folder / "adapter_model.bin").is_file() else ""
         )
         raise SftError(f"{what}: {folder / ADAPTER_WEIGHTS} is missing{'; found ' + found if found else ''}")
-    meta = read_json(folder / SFT_ADAPTER) if (folder / SFT_ADAPTER).is_file() else {}
+    meta = read_json(folder / ADAPTER_RECORD) if (folder / ADAPTER_RECORD).is_file() else {}
     quant = meta.get("quantization")
     if quant is not None:
-        _check_quantization(quant, folder / SFT_ADAPTER)
+        _check_quantization(quant, folder / ADAPTER_RECORD)
     weights = Checkpoint(folder, ADAPTER_WEIGHTS)
     targets, replaced = _collect(weights, folder, config)
     linear = {m.module + ".weight": m for m in targets.values()}
@@ -255,7 +256,7 @@ class AdapterSource:
         if roundtrip and adapter.quantization is None:
             raise SftError(
                 f"qlora_roundtrip: adapter {label} was not trained with quantization (no 'quantization' in "
-                f"{adapter.folder / SFT_ADAPTER}); remove qlora_roundtrip"
+                f"{adapter.folder / ADAPTER_RECORD}); remove qlora_roundtrip"
             )
         self.quantization = adapter.quantization if roundtrip in (None, True) else None
         self._check_shapes()

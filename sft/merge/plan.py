@@ -9,16 +9,17 @@ model, different shapes (the message names the tensor), different vocabulary siz
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
 from sft.merge.config import MergeConfig
-from sft.merge.lora import AdapterSource
-from sft.merge.sources import FolderSource, Source, is_adapter, open_source, resolve
-from sft.merge.stream import CODE_OF, DTYPES, FLOAT_CODES, TensorSpec
+from sft.merge.lora import AdapterSource, read_adapter
+from sft.merge.params import describe as describe_setting
+from sft.merge.params import layer_index, position
+from sft.merge.sources import FolderSource, Source, is_adapter, resolve
+from sft.safetensors_io import CODE_OF, DTYPES, FLOAT_CODES, TensorSpec
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -33,7 +34,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 @dataclass
@@ -67,11 +67,21 @@ class Plan:
             s.close()
 
     def layer_position(self, name: str) -> float:
-        """Where a tensor sits in the stack, 0..1: layer i of n at i/(n−1); embeddings at 0; the rest at 1."""
-        m = _LAYER.search(name)
-        if m:
-            return int(m.group(1)) / max(self.n_layers - 1, 1)
-        return 0.0 if "embed" in name or name.split(".")[-2:-1] in (["wte"], ["wpe"]) else 1.0
+        """Where a tensor sits for per-layer gradients (sft/merge/params.py: mergekit's positions)."""
+        return position(name, self.n_layers)
+
+
+def open_source(ref: str, what: str, base: str | None, roundtrip: bool | None) -> Source:
+    """Open a model or adapter folder. An adapter sits on `base` when given, else on the base it records."""
+    folder = resolve(ref, what)
+    if not is_adapter(folder):
+        return FolderSource(ref, folder)
+    adapter = read_adapter(folder, what)
+    base_ref = base or adapter.recorded_base
+    if not base_ref:
+        raise SftError(f"{what}: adapter {ref} does not record its base model; set 'base: PATH'")
+    base_src = FolderSource(base_ref, resolve(base_ref, f"{what} (base of {ref})"))
+    return AdapterSource(ref, adapter, base_src, roundtrip)
 
 
 def build_plan(cfg: MergeConfig) -> Plan:
@@ -283,7 +293,7 @@ def _n_layers(s: Source, specs: dict[str, TensorSpec]) -> int:
     n = cfg.get("num_hidden_layers") or cfg.get("n_layer")
     if isinstance(n, int) and n > 0:
         return n
-    found = [int(m.group(1)) for name in specs if (m := _LAYER.search(name))]
+    found = [i for name in specs if (i := layer_index(name)) is not None]
     return max(found) + 1 if found else 1
 
 
@@ -310,10 +320,12 @@ def describe(plan: Plan) -> list[str]:
             lines.append(f"base: {plan.base.label} ({plan.base.folder})")
         for i, (label, m) in enumerate(zip(plan.labels, cfg.models, strict=True)):
             extra = ""
-            if cfg.method not in ("slerp",):
-                extra = f"  weight {m.weight:g}"
-            if cfg.method in ("ties", "dare_linear", "dare_ties"):
-                extra += f"  density {cfg.density_of(i):g}"
+            if cfg.method not in ("slerp", "model_stock"):
+                extra = f"  weight {describe_setting(m.weight)}"
+            if cfg.method in ("ties", "dare_linear", "dare_ties", "della", "della_linear"):
+                extra += f"  density {describe_setting(cfg.density_setting(i))}"
+            if cfg.method.startswith("della"):
+                extra += f"  epsilon {describe_setting(cfg.epsilon_setting(i))}"
             kind = " [adapter on its base]" if isinstance(plan.inputs[i], AdapterSource) else ""
             lines.append(f"{label}{kind}{extra}")
     if plan.vocab_rows:
@@ -337,12 +349,16 @@ def describe(plan: Plan) -> list[str]:
 def _params(cfg: MergeConfig) -> str:
     m = cfg.method
     parts = []
-    if m in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
+    if m not in ("slerp", "model_stock", "lora"):
         parts.append(f"normalize {str(cfg.normalize_default()).lower()}")
-    if m in ("task_arithmetic", "ties", "dare_linear", "dare_ties"):
+    if m not in ("linear", "slerp", "model_stock", "lora"):
         parts.append(f"scale {cfg.scale:g}")
-    if m.startswith("dare"):
-        parts.append(f"seed {cfg.seed}")
+    if m in ("ties", "dare_linear", "dare_ties", "della", "della_linear"):
+        parts.append(f"{cfg.semantics} semantics")
+    if m.startswith(("dare", "della")):
+        parts.append(f"seed {cfg.seed}, rescale {str(cfg.rescale).lower()}")
+    if m == "model_stock" and cfg.filter_wise:
+        parts.append("filter-wise")
     if m == "slerp":
-        parts.append(f"t {cfg.t}")
+        parts.append(f"t {describe_setting(cfg.t)}")
     return f" ({', '.join(parts)})" if parts else ""

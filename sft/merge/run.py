@@ -1,14 +1,14 @@
 """Run a merge: stream every output tensor through the method into sharded safetensors, then publish.
 
-The output is written into a hidden sibling folder (`.NAME.partial`) and moved into place with one rename
+The output is written into a hidden sibling folder (`.NAME.partial`) and moved into place (sft/publish.py)
 once the weights, config, tokenizer and (optional) verification are done; on any error the partial folder
-is removed. So the output folder is complete or absent, never half-written.
+is removed, and an old output (overwrite) is replaced only once the new one is complete. So the output
+folder is complete or absent, never half-written.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from sft.errors import SftError
 from sft.merge.config import MergeConfig
+from sft.merge.params import Setting, resolve
 from sft.merge.plan import TOKENIZER_FILES, Plan, build_plan, describe
-from sft.merge.stream import ShardedWriter
+from sft.publish import publishing
+from sft.safetensors_io import ShardedWriter
 
 if TYPE_CHECKING:
     import torch
@@ -67,12 +69,8 @@ def _execute(plan: Plan, log: Callable[[str], None]) -> MergeResult:
     if device == "cuda" and not torch.cuda.is_available():
         raise SftError("device: cuda, but torch sees no CUDA device; set device: cpu (or auto)")
     output = plan.output
-    partial = output.parent / f".{output.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)  # left by an interrupted merge into the same output
-    partial.mkdir(parents=True)
     start = time.perf_counter()
-    try:
+    with publishing(output) as partial:
         result = _write_weights(plan, partial, device, log)
         _write_files(plan, partial)
         verify = cfg.verify if cfg.verify is not None else cfg.method == "lora"
@@ -82,10 +80,6 @@ def _execute(plan: Plan, log: Callable[[str], None]) -> MergeResult:
             result.report = verify_merge(plan, partial, device, log)
         result.seconds = time.perf_counter() - start
         _write_provenance(plan, partial, result)
-        _publish(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     result.output = output
     log(
         f"done in {result.seconds:.1f} s: {result.tensors} tensors, {result.bytes_written / 1e9:.2f} GB in "
@@ -141,32 +135,76 @@ def compute_tensor(plan: Plan, name: str, device: str) -> tuple[torch.Tensor, in
     if rows is not None:
         tensors = [t[: rows[0]] for t in tensors]
         base = base[: rows[0]] if base is not None else None
-    weights = [m.weight for m in cfg.models]
-    densities = [cfg.density_of(i) for i in range(len(cfg.models))]
-    normalize = cfg.normalize_default()
+    at = plan.layer_position(name)
+    weights = [_value(m.weight, name, at, 1.0) for m in cfg.models]
     m = cfg.method
     if m == "linear":
-        out = methods.linear(tensors, weights, normalize)
+        out = methods.linear(tensors, weights, cfg.normalize_default())
     elif m == "slerp":
-        assert cfg.t is not None
-        t = methods.interpolate_list(cfg.t, plan.layer_position(name)) if isinstance(cfg.t, list) else cfg.t
-        out = methods.slerp(tensors[0], tensors[1], t)
+        out = methods.slerp(tensors[0], tensors[1], _value(cfg.t, name, at, 0.5))
     else:
         assert base is not None
-        if m == "task_arithmetic":
-            out = methods.task_arithmetic(base, tensors, weights, cfg.scale, normalize)
-        elif m == "ties":
-            out = methods.ties(base, tensors, weights, densities, cfg.scale, normalize)
-        else:
-            gens = [methods.seeded_generator(cfg.seed, i, name) for i in range(len(tensors))]
-            out = methods.dare(
-                base, tensors, weights, densities, cfg.scale, normalize, gens, m == "dare_ties"
-            )
+        out = _with_base(cfg, name, at, base, tensors, weights)
     if rows is not None and rows[1] > rows[0]:
         # vocab: extend: the rows only some models have come unmerged from copy_from.
         extra = plan.copy_source.read(name, device)[rows[0] :]
         out = torch.cat([out, extra], dim=0)
     return out, held
+
+
+def _value(setting: Setting | None, name: str, at: float, default: float) -> float:
+    value = resolve(setting, name, at)
+    return default if value is None else value
+
+
+def _with_base(
+    cfg: MergeConfig,
+    name: str,
+    at: float,
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+) -> torch.Tensor:
+    """The methods that work on task vectors θᵢ − base."""
+    from sft.merge import methods
+
+    m, normalize = cfg.method, cfg.normalize_default()
+    if m == "task_arithmetic":
+        return methods.task_arithmetic(base, tensors, weights, cfg.scale, normalize)
+    if m == "model_stock":
+        return methods.model_stock(base, tensors, cfg.filter_wise)
+    densities = [_value(cfg.density_setting(i), name, at, 1.0) for i in range(len(tensors))]
+    if m == "ties":
+        return methods.ties(base, tensors, weights, densities, cfg.scale, normalize, cfg.semantics)
+    gens = [methods.seeded_generator(cfg.seed, i, name) for i in range(len(tensors))]
+    consensus = m in ("dare_ties", "della")
+    if m.startswith("dare"):
+        return methods.dare(
+            base,
+            tensors,
+            weights,
+            densities,
+            cfg.scale,
+            normalize,
+            gens,
+            consensus,
+            cfg.rescale,
+            cfg.semantics,
+        )
+    epsilons = [_value(cfg.epsilon_setting(i), name, at, 0.15) for i in range(len(tensors))]
+    return methods.della(
+        base,
+        tensors,
+        weights,
+        densities,
+        epsilons,
+        cfg.scale,
+        normalize,
+        gens,
+        consensus,
+        cfg.rescale,
+        cfg.semantics,
+    )
 
 
 def _write_files(plan: Plan, folder: Path) -> None:
@@ -196,16 +234,3 @@ def _write_provenance(plan: Plan, folder: Path, result: MergeResult) -> None:
         "report": result.report,
     }
     (folder / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _publish(partial: Path, output: Path) -> None:
-    """Move the finished folder into place; an old output (overwrite) goes only after the new one is there."""
-    if not output.exists():
-        os.replace(partial, output)
-        return
-    old = output.parent / f".{output.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(output, old)
-    os.replace(partial, output)
-    shutil.rmtree(old, ignore_errors=True)

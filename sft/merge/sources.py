@@ -1,8 +1,9 @@
-"""Merge inputs: a name (`builtin:...`, a model folder, an adapter folder) becomes a tensor source.
+"""Merge inputs: the `Source` protocol, a name (`builtin:...` or a folder) resolved, and `FolderSource`.
 
 A source knows its tensors' names, dtypes and shapes (from the safetensors headers, no data read) and
 reads one tensor at a time as float32. A model folder is a `FolderSource`; an adapter folder is an
-`AdapterSource` (see lora.py) that looks like its base with the adapter folded in, tensor by tensor.
+`AdapterSource` (lora.py, built on this module) that looks like its base with the adapter folded in, tensor
+by tensor. plan.py's `open_source` picks one of the two.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sft.errors import SftError
-from sft.merge.stream import Checkpoint, TensorSpec
+from sft.safetensors_io import Checkpoint, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -92,18 +93,3 @@ class FolderSource:
 
     def close(self) -> None:
         self.checkpoint.close()
-
-
-def open_source(ref: str, what: str, base: str | None, roundtrip: bool | None) -> Source:
-    """Open a model or adapter folder. An adapter sits on `base` when given, else on the base it records."""
-    folder = resolve(ref, what)
-    if not is_adapter(folder):
-        return FolderSource(ref, folder)
-    from sft.merge.lora import AdapterSource, read_adapter
-
-    adapter = read_adapter(folder, what)
-    base_ref = base or adapter.recorded_base
-    if not base_ref:
-        raise SftError(f"{what}: adapter {ref} does not record its base model; set 'base: PATH'")
-    base_src = FolderSource(base_ref, resolve(base_ref, f"{what} (base of {ref})"))
-    return AdapterSource(ref, adapter, base_src, roundtrip)

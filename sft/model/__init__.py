@@ -21,4 +21,12 @@ def build_model(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     model = load_model(recipe.model, device, recipe.quant if recipe.method == "qlora" else None)
     if recipe.method in ("lora", "qlora"):
         model = add_lora(model, recipe.lora)
+    if recipe.train.compile:  # after LoRA (it replaces layers' modules), before a strategy shards them
+        from sft.model.compile import compile_layers
+
+        compile_layers(model, device)
+    if recipe.train.activation_offload:
+        from sft.model.offload import offload_activations
+
+        offload_activations(model, device)
     return model

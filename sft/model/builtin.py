@@ -8,12 +8,12 @@ load that folder in seconds. Nothing is downloaded at run time.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
+from sft.paths import models_cache_dir
+from sft.publish import publishing
 
 BUILTIN_PREFIX = "builtin:"
 # name -> (package, gguf file inside it)
@@ -22,13 +22,16 @@ BUILTIN_MODELS = {
 }
 
 
-def cache_root() -> Path:
-    """Where converted models live: $SFT_CACHE, else ~/.cache/sft."""
-    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
-
-
 def is_builtin(name: str) -> bool:
     return name.startswith(BUILTIN_PREFIX)
+
+
+def resolve_model_path(name: str) -> str:
+    """A folder to load from: the converted built-in model, a local folder, or else the hub id as given."""
+    if is_builtin(name):
+        return str(builtin_model_dir(name))
+    local = Path(name).expanduser()
+    return str(local) if local.exists() else name
 
 
 def _gguf_path(name: str) -> Path:
@@ -57,17 +60,15 @@ def builtin_model_dir(spec: str) -> Path:
 
     name = spec.removeprefix(BUILTIN_PREFIX)
     gguf = _gguf_path(name)
-    target = cache_root() / "models" / name
+    target = models_cache_dir() / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():
             return target
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _convert(gguf, tmp)
-        os.replace(tmp, target)  # the folder appears complete or not at all
+        with publishing(target) as folder:  # the folder appears complete or not at all
+            _convert(gguf, folder)
     return target
 
 

@@ -2,8 +2,8 @@
 
 The recipe's `quant` section becomes a transformers `BitsAndBytesConfig`; `load_model` loads the base with it
 straight onto the device, and `prepare_for_kbit_training` freezes it and keeps evaluation from corrupting
-training. Everything here reads the loaded tensors: the adapter record and the memory report describe the
-model as it is, not as the recipe asked for it.
+training. Everything here reads the loaded tensors: the quantization record (which sft/export.py writes
+into the adapter record) and the memory report describe the model as it is, not as the recipe asked for it.
 
 No `sft.config` import at run time (it needs pydantic): bench/gpu/bench_qlora.py uses this module on a machine
 that has only torch, transformers, peft and bitsandbytes.
@@ -11,21 +11,16 @@ that has only torch, transformers, peft and bitsandbytes.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sft.optim_state import BNB_MIN_8BIT_SIZE, optimizer_state_bytes
+
 if TYPE_CHECKING:
     from sft.config import QuantConfig
-
-# bitsandbytes' 8-bit optimizers keep tensors smaller than this in 32-bit state (their `min_8bit_size`), and
-# quantize the rest blockwise with one float32 scale per 256 values.
-BNB_MIN_8BIT_SIZE = 4096
-BNB_OPTIM_BLOCK = 256
 
 
 def bnb_config(quant: QuantConfig) -> Any:
@@ -125,7 +120,13 @@ def _is_4bit(p: torch.Tensor) -> bool:
 def logical_numel(p: torch.Tensor) -> int:
     """Parameter count of a weight: a packed 4-bit weight holds two values per byte of uint8 storage."""
     state = _quant_state(p)
-    return math.prod(state.shape) if state is not None else p.numel()
+    return math.prod(state.shape) if state is not None else _whole_numel(p)
+
+
+def _whole_numel(t: torch.Tensor) -> int:
+    """Elements of the whole tensor: a weight DeepSpeed ZeRO-3 partitioned at construction is empty here and
+    keeps its count in `ds_numel`."""
+    return int(getattr(t, "ds_numel", t.numel()))
 
 
 def _quant_state_tensors(state: Any) -> list[torch.Tensor]:
@@ -150,22 +151,15 @@ def _stored_bytes(params: Sequence[torch.Tensor]) -> int:
             if key in seen:
                 continue
             seen.add(key)
-            total += t.numel() * t.element_size()
+            total += _whole_numel(t) * t.element_size()
     return total
 
 
 def optimizer_state_plan(trainable: Sequence[torch.Tensor], optim_name: str) -> tuple[int, str]:
     """Bytes of optimizer state the optimizer will allocate for these parameters, and how it is held."""
-    total = 0
-    for p in trainable:
-        n = p.numel()
-        if optim_name.endswith("_8bit") and n >= BNB_MIN_8BIT_SIZE:
-            blocks = math.ceil(n / BNB_OPTIM_BLOCK)
-            total += 2 * (n + 4 * blocks)  # two uint8 moments + their float32 block scales
-        elif optim_name == "adamw":
-            total += 2 * n * p.element_size()  # torch keeps both moments in the parameter's dtype
-        else:
-            total += 2 * n * 4  # bitsandbytes' 32-bit state
+    total = int(
+        optimizer_state_bytes(((_whole_numel(p), p.element_size()) for p in trainable), optim_name, False)
+    )
     how = {
         "adamw": "torch AdamW, 2 moments in the parameters' dtype",
         "adamw_8bit": f"bitsandbytes AdamW8bit, 2 moments in 8 bits (tensors under {BNB_MIN_8BIT_SIZE} values: fp32)",
@@ -192,7 +186,7 @@ def memory_report(model: torch.nn.Module, optim_name: str) -> dict[str, Any]:
     trainable = [p for p in params if p.requires_grad]
     base = [p for p in params if not p.requires_grad] or params
     total = sum(logical_numel(p) for p in params)
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(_whole_numel(p) for p in trainable)
     base_values = sum(logical_numel(p) for p in base)
     quantized = [p for p in base if _is_4bit(p)]
     optim_bytes, optim_how = optimizer_state_plan(trainable, optim_name)
@@ -208,7 +202,7 @@ def memory_report(model: torch.nn.Module, optim_name: str) -> dict[str, Any]:
         "quantized_bf16_bytes": 2 * sum(logical_numel(p) for p in quantized),
         "base_format": "4-bit " + _describe_quant(quant) if quant else _dtypes(base),
         "trainable_bytes": _stored_bytes(trainable),
-        "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+        "grad_bytes": sum(_whole_numel(p) * p.element_size() for p in trainable),
         "optimizer": optim_name,
         "optimizer_state_bytes": optim_bytes,
         "optimizer_plan": optim_how,
@@ -251,10 +245,3 @@ def describe_memory(r: dict[str, Any]) -> str:
             f"({r['quantized_bf16_bytes'] / max(r['quantized_bytes'], 1):.2f}x)",
         )
     return "\n".join(lines)
-
-
-def write_qlora_adapter_meta(folder: Path, base_model: str, model: torch.nn.Module) -> None:
-    """`sft_adapter.json` beside a QLoRA adapter: the merge folds the adapter into dequantize(quantize(W)),
-    the weights training saw, so it needs to know how W was quantized."""
-    meta = {"base_model": base_model, "quantization": quantization_record(model), "method": "qlora"}
-    (folder / "sft_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """How the model is wrapped, stepped, saved and exported: one small class per backend behind `Strategy`.
 
-Imports stay lazy: recipe validation reads `ds_config` without importing torch (DESIGN invariant 8).
+Imports stay lazy: nothing here is imported before a run starts (recipe validation uses sft/ds_config.py).
 """
 
 from __future__ import annotations

@@ -16,11 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
-from sft.config import Recipe
 from sft.dist import DistEnv
 from sft.errors import SftError
 
-EXPORT_SHARD_SIZE = "5GB"  # safetensors shards of an exported model (with an index when there are several)
 META_FILE = "strategy.json"
 
 
@@ -29,6 +27,12 @@ class Strategy(Protocol):
     collective_forward: bool
     """True when every forward is a collective (sharded weights): every rank must run each forward, so
     generation runs on all ranks, not only on rank 0."""
+
+    def build_model(self) -> torch.nn.Module:
+        """The recipe's trainable model as this backend takes it into `prepare`: whole on the device (single,
+        ZeRO-1/2), empty on the meta device (FSDP2: `prepare` shards it, then each rank reads its shards), or
+        partitioned as it is constructed (ZeRO-3). No rank holds the whole of a sharded model (invariant 10)."""
+        ...
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Wrap/shard the model for this backend and build the optimizer over its trainable parameters.
@@ -69,45 +73,6 @@ class Strategy(Protocol):
     def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model to run generation on."""
         ...
-
-
-def save_hf_folder(
-    recipe: Recipe,
-    folder: Path,
-    model: Any,
-    state_dict: dict[str, Any] | None,
-    tokenizer: Any,
-    max_shard_size: str | int = EXPORT_SHARD_SIZE,
-) -> None:
-    """Rank 0's part of an export: `save_pretrained` with a gathered state dict (None: the model's own).
-
-    For a peft model `save_pretrained` keeps only the adapter weights of the state dict."""
-    kwargs: dict[str, Any] = {"safe_serialization": True}
-    if not adapter_only(recipe):  # an adapter is small: one file
-        kwargs["max_shard_size"] = max_shard_size
-    if state_dict is not None:
-        # A gathered state dict holds tied weights (embeddings = head) as separate copies: keep the first
-        # name only, as the model's own state dict would.
-        state_dict = dict(state_dict)
-        first: dict[int, str] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if first.setdefault(id(param), name) != name:
-                state_dict.pop(name.replace("_checkpoint_wrapped_module.", ""), None)
-        kwargs["state_dict"] = state_dict
-    model.save_pretrained(folder, **kwargs)
-    tokenizer.save_pretrained(folder)
-    if recipe.method == "qlora":  # the adapter records how its base was quantized (for the merge)
-        from sft.model.quant import write_qlora_adapter_meta
-
-        write_qlora_adapter_meta(folder, recipe.model.name, model)
-    elif recipe.method == "lora":
-        meta = {"base_model": recipe.model.name, "quantization": None, "method": recipe.method}
-        (folder / "sft_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def adapter_only(recipe: Recipe) -> bool:
-    """LoRA and QLoRA train (so save, gather and export) only the adapter weights."""
-    return recipe.method in ("lora", "qlora")
 
 
 def write_meta(folder: Path, dist: DistEnv, name: str, **extra: Any) -> None:

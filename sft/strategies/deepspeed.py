@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO stage 1/2/3 with optional CPU offload, launched by torchrun (no pdsh/ssh launcher).
 
-The JSON config comes from ds_configs/ (or the user's) with "auto" filled from the recipe (ds_config.py).
+The JSON config comes from ds_configs/ (or the user's) with "auto" filled from the recipe (sft/ds_config.py).
 The engine owns clipping and the optimizer step; the recipe's schedule drives the engine's inner torch
 optimizer, like any other. Checkpoints are DeepSpeed's own, written inside the folder the atomic checkpoint
 gives us; they cannot be resharded for another world size, which is refused with a clear error.
@@ -9,6 +9,7 @@ gives us; they cannot be resharded for another world size, which is refused with
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 
 from sft.config import Recipe
 from sft.dist import DistEnv, all_reduce_sum, ensure_process_group
+from sft.ds_config import fill_config
 from sft.errors import SftError
-from sft.model.builtin import cache_root
+from sft.export import adapter_only, save_hf_folder, save_streamed_hf_folder
 from sft.optim import build_optimizer
-from sft.strategies.base import adapter_only, check_meta, save_hf_folder, write_meta
-from sft.strategies.ds_config import fill_config
+from sft.paths import extensions_cache_dir
+from sft.strategies.base import check_meta, write_meta
 
 TAG = "deepspeed"  # the sub-folder DeepSpeed writes into
 
@@ -30,7 +32,7 @@ TAG = "deepspeed"  # the sub-folder DeepSpeed writes into
 def set_extensions_dir() -> None:
     """Compiled DeepSpeed ops (CPU Adam for offload) are built once into a project cache (45-60 s each)
     and reused by every later run and test, unless the user chose TORCH_EXTENSIONS_DIR."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_cache_dir()))
 
 
 class DeepSpeedStrategy:
@@ -50,14 +52,34 @@ class DeepSpeedStrategy:
             os.environ.setdefault(key, str(value))
         ensure_process_group(dist)
 
+    def config(self, hidden_size: int | None) -> dict[str, Any]:
+        try:
+            return fill_config(
+                self.recipe, self.dist.world_size, self.dist.device.type == "cuda", hidden_size
+            )
+        except ValueError as e:
+            raise SftError(str(e)) from None
+
+    def build_model(self) -> torch.nn.Module:
+        from sft.model import build_model
+
+        if self.stage != 3:  # ZeRO-1/2 keep whole weights on every rank
+            return build_model(self.recipe, self.dist.device)
+        from transformers import AutoConfig
+
+        from sft.model.load import add_lora
+        from sft.model.sharded import checkpoint_folder, partitioned_model
+
+        cfg = self.recipe.model
+        hidden = AutoConfig.from_pretrained(checkpoint_folder(cfg), trust_remote_code=cfg.trust_remote_code)
+        model = partitioned_model(cfg, self.config(getattr(hidden, "hidden_size", None)), self.dist.device)
+        # method=qlora is refused with DeepSpeed (recipe check); peft adds adapters to the partitioned base.
+        return add_lora(model, self.recipe.lora) if self.recipe.method == "lora" else model
+
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         import deepspeed
 
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        try:
-            config = fill_config(self.recipe, self.dist.world_size, self.dist.device.type == "cuda", hidden)
-        except ValueError as e:
-            raise SftError(str(e)) from None
+        config = self.config(getattr(getattr(model, "config", None), "hidden_size", None))
         # The same parameter groups as every other strategy (no weight decay on biases and norms); the
         # optimizer itself is built by DeepSpeed from the filled config.
         groups = [
@@ -114,38 +136,60 @@ class DeepSpeedStrategy:
         if path is None:
             raise SftError(f"checkpoint {folder}: DeepSpeed found no checkpoint in {folder / TAG}")
 
-    def _gathered_state(self, model: Any) -> dict[str, torch.Tensor]:
-        """Full fp32 tensors of what the export needs. Every rank takes part, one parameter at a time (no
-        rank holds more than one extra full tensor); rank 0 keeps CPU copies."""
+    def _full(self, param: Any) -> torch.Tensor:
+        """One parameter whole on every rank (a collective): the optimizer's fp32 master copy of a trained
+        weight (also under bf16, where the module's weights are bf16), the weight itself for a frozen one."""
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
         from deepspeed.utils import safe_get_full_fp32_param
 
-        module = model.module
-        only_trainable = adapter_only(self.recipe)
-        persistent = set(module.state_dict(keep_vars=True))
-        state: dict[str, torch.Tensor] = {}
-        for name, param in module.named_parameters():
-            if only_trainable and not param.requires_grad:
-                continue
-            # The optimizer's fp32 master copy (also under bf16, where the module's weights are bf16).
-            full = safe_get_full_fp32_param(param) if param.requires_grad else None
-            if full is None:  # a frozen weight has no master copy: gather the weight itself
-                with GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-                    full = param.detach().clone()
-            if self.dist.is_main:
-                state[name] = full.cpu().clone()
-        if self.dist.is_main and not only_trainable:
-            state.update({n: b.detach().cpu() for n, b in module.named_buffers() if n in persistent})
-        return state
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:  # a frozen weight has no master copy: gather the weight itself
+            with GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                full = param.detach().clone()
+        return full
 
     def export(self, folder: Path, model: Any, tokenizer: Any) -> None:
-        state = self._gathered_state(model)
-        if self.dist.is_main:
-            save_hf_folder(self.recipe, folder, model.module, state, tokenizer)
+        module = model.module
+        if adapter_only(self.recipe):  # the adapter is small: gathered whole onto rank 0
+            state = {}
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    full = self._full(param)
+                    if self.dist.is_main:
+                        state[name] = full.cpu().clone()
+            if self.dist.is_main:
+                save_hf_folder(self.recipe, folder, module, state, tokenizer)
+            return
+
+        # The full model: one tensor at a time, gathered by all ranks, written by rank 0 as it arrives.
+        def gather(param: Any) -> torch.Tensor | None:
+            full = self._full(param)
+            return full.cpu() if self.dist.is_main else None
+
+        tensors = [
+            (
+                name,
+                torch.float32 if param.requires_grad else param.dtype,
+                tuple(getattr(param, "ds_shape", param.shape)),
+                functools.partial(gather, param),
+            )
+            for name, param in module.named_parameters()
+        ]
+        persistent = set(module.state_dict(keep_vars=True))
+        tensors += [
+            (name, b.dtype, tuple(b.shape), functools.partial(_on_main, b, self.dist.is_main))
+            for name, b in module.named_buffers()
+            if name in persistent
+        ]
+        save_streamed_hf_folder(folder, module, tensors, tokenizer, self.dist.is_main)
 
     def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
         inner: torch.nn.Module = getattr(model, "module", model)  # the engine wraps the model
         return inner
+
+
+def _on_main(t: torch.Tensor, is_main: bool) -> torch.Tensor | None:
+    return t.detach().cpu() if is_main else None
 
 
 def prebuild_ops(offload: bool = True) -> None:

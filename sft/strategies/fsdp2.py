@@ -17,6 +17,7 @@ dtype); the frozen 4-bit weights are never saved, gathered for export or given t
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,24 +43,12 @@ from torch.distributed.tensor import DTensor
 from sft.config import Recipe
 from sft.dist import DistEnv, all_reduce_sum, ensure_process_group
 from sft.errors import SftError
+from sft.export import adapter_only, save_hf_folder, save_streamed_hf_folder
+from sft.model.layers import decoder_layers
+from sft.model.load import DTYPES
+from sft.model.sharded import SOURCE_ATTR, fill_shards
 from sft.optim import build_optimizer
-from sft.strategies.base import adapter_only, check_meta, save_hf_folder, write_meta
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks to shard one by one: the classes a Hugging Face model lists as not to be split."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise SftError(
-            f"strategy.fsdp2: found no decoder layers in {type(model).__name__} "
-            "(no _no_split_modules); this model cannot be sharded layer by layer"
-        )
-    return layers
+from sft.strategies.base import check_meta, write_meta
 
 
 class FSDP2Strategy:
@@ -71,6 +60,12 @@ class FSDP2Strategy:
         self.cfg = recipe.strategy.fsdp
         ensure_process_group(dist)
         self.mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+
+    def build_model(self) -> torch.nn.Module:
+        from sft.model.sharded import empty_model
+
+        # On meta: `prepare` shards it, then allocates and fills this rank's shards only.
+        return empty_model(self.recipe, self.dist.device)
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         cfg = self.cfg
@@ -101,6 +96,8 @@ class FSDP2Strategy:
         # The root holds embeddings, final norm and the (possibly tied) head; it is needed again right away
         # in the backward, so it stays gathered after the forward.
         fully_shard(model, mesh=self.mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
+        if hasattr(model, SOURCE_ATTR):  # built empty: allocate and read this rank's shards only
+            fill_shards(model, torch.device("cpu") if cfg.cpu_offload else self.dist.device)
         # The optimizer is built on the sharded parameters (DTensors), so its state is sharded too.
         return model, build_optimizer(model, self.recipe.optim)
 
@@ -177,12 +174,30 @@ class FSDP2Strategy:
             )
 
     def export(self, folder: Path, model: Any, tokenizer: Any) -> None:
-        # Every rank takes part in the gather; rank 0 receives the full tensors in CPU memory.
-        state: dict[str, Any] = get_model_state_dict(
-            model, options=self._options(full_state_dict=True, cpu_offload=True)
-        )
-        if self.dist.is_main:
-            save_hf_folder(self.recipe, folder, model, state, tokenizer)
+        if adapter_only(self.recipe):  # the adapter is small: gathered whole onto rank 0
+            state: dict[str, Any] = get_model_state_dict(
+                model, options=self._options(full_state_dict=True, cpu_offload=True)
+            )
+            if self.dist.is_main:
+                save_hf_folder(self.recipe, folder, model, state, tokenizer)
+            return
+        # The full model: one tensor at a time, gathered by all ranks, written by rank 0 as it arrives.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()  # a root kept gathered after the last forward holds plain tensors
+        tensors = []
+        seen: set[int] = set()
+        for name, t in model.state_dict(keep_vars=True).items():
+            if id(t) not in seen:  # a tied weight under its first name, as save_pretrained keeps it
+                seen.add(id(t))
+                tensors.append((_fqn(name), t.dtype, tuple(t.shape), functools.partial(self._gather, t)))
+        save_streamed_hf_folder(folder, model, tensors, tokenizer, self.dist.is_main)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The whole tensor on rank 0 (a collective for a sharded one); None on the other ranks."""
+        if isinstance(t, DTensor):  # offloaded shards go to the device first
+            t = t.detach().to(self.dist.device).full_tensor()  # type: ignore[attr-defined]
+        return t.detach().cpu() if self.dist.is_main else None
 
     def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # fully_shard changes the model in place; its forward gathers what it needs

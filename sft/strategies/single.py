@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from sft.config import Recipe
 from sft.dist import DistEnv
 from sft.errors import SftError
+from sft.export import save_hf_folder
 from sft.optim import build_optimizer
-from sft.strategies.base import check_meta, save_hf_folder, write_meta
+from sft.strategies.base import check_meta, write_meta
 
 
 class SingleStrategy:
@@ -27,6 +28,11 @@ class SingleStrategy:
             )
         self.recipe = recipe
         self.dist = dist
+
+    def build_model(self) -> torch.nn.Module:
+        from sft.model import build_model
+
+        return build_model(self.recipe, self.dist.device)
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         return model, build_optimizer(model, self.recipe.optim)

@@ -64,14 +64,14 @@ def kill_in_save(step: int, rank: int) -> Any:
     """save_checkpoint that SIGKILLs `rank` at `step` after its shards are written, before the commit."""
     original = sft.train.save_checkpoint
 
-    def save(output_dir: Any, at: int, dist: Any, write_state: Any, state: Any, keep: int) -> Any:
+    def save(output_dir: Any, at: int, dist: Any, write_state: Any, *rest: Any) -> Any:
         def dying(folder: Path) -> None:
             write_state(folder)
             if at == step and dist.rank == rank:
                 print(f"[run_jobs] rank {rank} killed during the save of step {step}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        return original(output_dir, at, dist, dying, state, keep)
+        return original(output_dir, at, dist, dying, *rest)
 
     return save
 
@@ -81,13 +81,62 @@ def raise_at(call: int, rank: int) -> Any:
     original = sft.train.loss_sum
     calls = {"n": 0}
 
-    def loss_sum(model: Any, batch: Any, precision: str) -> Any:
+    def loss_sum(*args: Any) -> Any:
         calls["n"] += 1
         if rank == RANK and calls["n"] >= call:
             raise RuntimeError(f"injected failure on rank {rank}")
-        return original(model, batch, precision)
+        return original(*args)
 
     return loss_sum
+
+
+def measuring(result: dict[str, Any]) -> Any:
+    """build_strategy whose strategy measures this rank's memory: the bytes its tensors hold between the last
+    backward of step 2 and its optimizer step (parameters, gradients, optimizer state: the model state), and
+    the allocation peak of steps 2 and 3 on top of what was allocated after step 1 (max over ranks)."""
+    from sft import memory
+
+    original = sft.train.build_strategy
+    start = memory.live_bytes()  # what earlier jobs of this process left alive
+
+    def build(recipe: Any, dist: Any) -> Any:
+        strategy = original(recipe, dist)
+        prepare, step = strategy.prepare, strategy.step
+        held: dict[str, Any] = {"calls": 0}
+
+        def prepare_and_keep(model: Any) -> Any:
+            held["model"], held["optimizer"] = prepare(model)
+            return held["model"], held["optimizer"]
+
+        def measured_step(optimizer: Any, max_grad_norm: Any) -> Any:
+            held["calls"] += 1
+            n = held["calls"]
+            if n == 2:
+                result["state_bytes"] = gather(memory.state_bytes(held["model"], held["optimizer"]))
+                result["start_bytes"] = gather(start)
+            norm = step(optimizer, max_grad_norm)
+            if n == 1:
+                result["baseline_bytes"] = gather(memory.live_bytes())
+                held["peak"] = memory.allocation_peak()
+                held["peak_result"] = held["peak"].__enter__()
+            if n == 3:
+                held["peak"].__exit__(None, None, None)
+                result["peak_bytes"] = gather(held["peak_result"]["bytes"] + result["baseline_bytes"][RANK])
+            return norm
+
+        strategy.prepare, strategy.step = prepare_and_keep, measured_step
+        return strategy
+
+    return build
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's value, in rank order."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def check_export(recipe: Any) -> dict[str, Any]:
@@ -99,14 +148,12 @@ def check_export(recipe: Any) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from sft.dist import init_dist
-    from sft.model import build_model
     from sft.strategies import build_strategy
 
     out = Path(recipe.output_dir)
     dist = init_dist("cpu")
-    model = build_model(recipe, dist.device)
     strategy = build_strategy(recipe, dist)
-    model, optimizer = strategy.prepare(model)
+    model, optimizer = strategy.prepare(strategy.build_model())
     ckpt = latest_checkpoint(out)
     assert ckpt is not None
     strategy.load_checkpoint(ckpt, model, optimizer)
@@ -154,6 +201,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         if job.get("kill_in_save"):
             step, rank = job["kill_in_save"]
             stack.enter_context(patched("save_checkpoint", kill_in_save(step, rank)))
+        if job.get("measure"):
+            stack.enter_context(patched("build_strategy", measuring(result)))
         if job.get("raise_at"):
             call, rank = job["raise_at"]
             stack.enter_context(patched("loss_sum", raise_at(call, rank)))

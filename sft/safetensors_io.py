@@ -59,10 +59,6 @@ class TensorInfo:
     start: int
     nbytes: int
 
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_CODES
-
 
 def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
     n = DTYPES[dtype][1]
@@ -135,27 +131,35 @@ class Checkpoint:
             return [folder / SINGLE_FILE]
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             raise SftError(
-                f"{folder}: weights are pickle files (.bin/.pt); the merge reads safetensors only. Convert "
+                f"{folder}: weights are pickle files (.bin/.pt); sft reads safetensors only. Convert "
                 "with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`"
             )
         raise SftError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face model folder?")
 
     def read(self, name: str, device: str = "cpu") -> torch.Tensor:
         """Read one tensor into its own buffer (no mmap, see the module docstring)."""
+        info = self.tensors[name]
+        return self.read_rows(name, 0, info.shape[0] if info.shape else 1).reshape(info.shape).to(device)
+
+    def read_rows(self, name: str, first: int, last: int) -> torch.Tensor:
+        """Rows [first, last) of a tensor (along dim 0) into their own buffer: a sharded loader reads only
+        the rows its rank keeps (tensors are stored row-major, so the rows are one contiguous byte range)."""
         import torch
 
         info = self.tensors[name]
         dtype = getattr(torch, DTYPES[info.dtype][0])
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype, device=device)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        fh = self._handles.get(info.file)
-        if fh is None:
-            fh = self._handles[info.file] = open(info.file, "rb")  # noqa: SIM115 (kept open across reads)
-        fh.seek(info.start)
-        if fh.readinto(buf.numpy().data) != info.nbytes:
-            raise SftError(f"{info.file}: tensor {name}: file ended early (truncated while merging?)")
-        return buf.view(dtype).reshape(info.shape).to(device)
+        rows = info.shape[0] if info.shape else 1
+        row_bytes = info.nbytes // rows if rows else 0
+        count = (last - first) * row_bytes
+        buf = torch.empty(count, dtype=torch.uint8)
+        if count:
+            fh = self._handles.get(info.file)
+            if fh is None:
+                fh = self._handles[info.file] = open(info.file, "rb")  # noqa: SIM115 (kept open across reads)
+            fh.seek(info.start + first * row_bytes)
+            if fh.readinto(buf.numpy().data) != count:
+                raise SftError(f"{info.file}: tensor {name}: file ended early (truncated while it was read?)")
+        return buf.view(dtype).reshape(last - first, *info.shape[1:])
 
     def close(self) -> None:
         for fh in self._handles.values():

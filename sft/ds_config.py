@@ -1,7 +1,8 @@
 """The DeepSpeed JSON config: pick the bundled file (or the user's), fill "auto" from the recipe, refuse
 contradictions. The recipe stays the one source of truth for what both backends share.
 
-No torch import here: `Recipe` validation calls `check_against_recipe` so a contradiction fails before launch.
+It lives next to config.py because recipe validation needs it: `Recipe` calls `check_against_recipe`, so a
+contradiction fails before launch, with no torch import (the DeepSpeed strategy calls `fill_config`).
 Values that need the job (world size, device, model width) are filled later by `fill_config`.
 """
 
@@ -16,8 +17,8 @@ if TYPE_CHECKING:
     from sft.config import Recipe
 
 AUTO = "auto"
-# The repository's ds_configs/ (next to the sft package in a checkout or editable install).
-BUNDLED_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# Package data (shipped in the wheel); the repository's top-level ds_configs/ is a link to it.
+BUNDLED_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 
 def config_path(recipe: Recipe) -> Path:
@@ -126,12 +127,17 @@ def check_against_recipe(recipe: Recipe) -> dict[str, Any]:
     return cfg
 
 
+def persistence_threshold(hidden_size: int) -> int:
+    """ZeRO-3 keeps tensors up to this many values whole on every rank (norms, biases): 10 x hidden."""
+    return 10 * hidden_size
+
+
 def fill_config(recipe: Recipe, world_size: int, on_gpu: bool, hidden_size: int | None) -> dict[str, Any]:
     """The complete config for `deepspeed.initialize`: recipe values plus the job's own."""
     path, _ = load_config(recipe)
     cfg = check_against_recipe(recipe)
     t = recipe.train
-    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    global_batch = t.global_batch(world_size)
     have = cfg.get("train_batch_size")
     if have not in (None, AUTO) and have != global_batch:
         raise ValueError(
@@ -149,7 +155,7 @@ def fill_config(recipe: Recipe, world_size: int, on_gpu: bool, hidden_size: int 
         "reduce_bucket_size": h * h,
         "allgather_bucket_size": h * h,
         "stage3_prefetch_bucket_size": int(0.9 * h * h),
-        "stage3_param_persistence_threshold": 10 * h,
+        "stage3_param_persistence_threshold": persistence_threshold(h),
     }
     for key, value in defaults.items():
         if zero.get(key) == AUTO:
