@@ -33,7 +33,7 @@ lab3: setup
 	$(PY) -m labs.lab3
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -16,9 +16,15 @@ Needs TRL (the `bench` extra: pip install -e .[bench]).
 
     python bench/bench_vs_trl.py [--steps 12] [--rounds 2] [--runs "trl padded,sft packed"]
 
-A run of sft may carry recipe overrides after its layout, to compare variants of sft in alternation:
+A run may carry options after its layout, to compare variants in alternation: recipe overrides for sft,
+`SFTConfig` fields for TRL (values read as YAML):
 
     python bench/bench_vs_trl.py --runs "sft packed,sft packed train.compile=true"
+    python bench/bench_vs_trl.py --runs "trl padded,trl padded gradient_checkpointing=false"
+
+Mind TRL's defaults: TRL 1.16's `SFTConfig` turns gradient checkpointing ON unless told otherwise, sft leaves
+it off unless the recipe sets `model.gradient_checkpointing=true`. A bare "trl padded" is TRL as its users
+get it (checkpointing on); compare like with like by naming the setting on one side or the other.
 """
 
 from __future__ import annotations
@@ -104,8 +110,9 @@ def same_rows() -> list[dict[str, list[int]]]:
     return rows
 
 
-def child_trl(layout: str, steps: int) -> dict[str, Any]:
+def child_trl(layout: str, steps: int, options: list[str]) -> dict[str, Any]:
     import torch
+    import yaml
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -149,6 +156,7 @@ def child_trl(layout: str, steps: int) -> dict[str, Any]:
             dataloader_num_workers=0,
             seed=0,
             disable_tqdm=True,
+            **{key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in options)},
         )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         trainer = SFTTrainer(
@@ -173,9 +181,11 @@ def child_trl(layout: str, steps: int) -> dict[str, Any]:
 
 
 def run_child(tool: str, layout: str, steps: int, extra: list[str]) -> dict[str, Any]:
-    """One run in a fresh process; its peak RSS from the kernel (wait4's rusage of that child)."""
+    """One run in a fresh process; its peak RSS from the kernel (wait4's rusage of that child).
+
+    `extra`: recipe overrides for sft, SFTConfig fields for TRL (both as key=value)."""
     cmd = [sys.executable, __file__, "--child", tool, layout, "--steps", str(steps)]
-    cmd += [f"--sft-override={o}" for o in extra]
+    cmd += [f"--child-option={o}" for o in extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=REPO)
@@ -202,13 +212,14 @@ def main() -> None:
         "--sft-override", action="append", default=[], help="an extra key=value for the sft runs"
     )
     parser.add_argument("--child", nargs=2, metavar=("TOOL", "LAYOUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-option", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         tool, layout = args.child
         result = (
-            child_trl(layout, args.steps)
+            child_trl(layout, args.steps, args.child_option)
             if tool == "trl"
-            else child_sft(layout, args.steps, args.sft_override)
+            else child_sft(layout, args.steps, args.child_option)
         )
         print(json.dumps(result))
         return
@@ -217,8 +228,9 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {r: [] for r in runs}
     for round_ in range(args.rounds):
         for run in runs if round_ % 2 == 0 else reversed(runs):
-            tool, layout, *overrides = run.split()  # "sft packed key=value ...": a variant of sft's run
-            r = run_child(tool, layout, args.steps, [*args.sft_override, *overrides])
+            tool, layout, *options = run.split()  # "sft packed key=value ...": a variant of a run
+            shared = args.sft_override if tool == "sft" else []
+            r = run_child(tool, layout, args.steps, [*shared, *options])
             r["tokens_per_s"] = r["tokens"] / r["seconds"]
             results[run].append(r)
             print(

@@ -30,6 +30,11 @@ def describe(error: BaseException) -> str:
     )
 
 
+# The kernel flags a task PF_EXITING first thing in its exit, before it closes its files: a rank killed by a
+# signal is seen as gone by the time its peers' collectives break on its closed sockets.
+_PF_EXITING = 0x4
+
+
 def _job_key(environ: dict[str, str]) -> tuple[str, ...] | None:
     run_id = environ.get("TORCHELASTIC_RUN_ID")
     if run_id:
@@ -53,10 +58,11 @@ def _local_ranks_alive() -> set[int]:
     alive: set[int] = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue  # exited, not yet reaped by torchrun
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] in "ZX" or int(stat[6]) & _PF_EXITING:
+                continue  # exiting (its sockets close while it still runs) or exited, not yet reaped
             fields = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError):
+        except (OSError, IndexError, ValueError):
             continue
         env = dict(f.decode(errors="replace").partition("=")[::2] for f in fields if b"=" in f)
         if mine is not None and _job_key(env) == mine and env.get("RANK", "").isdigit():

@@ -459,7 +459,8 @@ def test_a_killed_rank_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
     finally:
         proc.kill()
     assert proc.returncode != 0 and time.time() - killed_at < 30
-    line = next(x for x in stderr.splitlines() if x.startswith("[sft] rank 1 of 2 stopped first"))
+    line = next((x for x in stderr.splitlines() if x.startswith("[sft] rank 1 of 2 stopped first")), None)
+    assert line is not None, stderr[-4000:]
     assert "killed by a signal" in line
     assert stderr.index(line) < stderr.index("Root Cause")  # before torchrun's summary
 
