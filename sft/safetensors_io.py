@@ -13,6 +13,7 @@ Header parsing needs no torch, so plans and dry runs stay light.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -144,22 +145,27 @@ class Checkpoint:
     def read_rows(self, name: str, first: int, last: int) -> torch.Tensor:
         """Rows [first, last) of a tensor (along dim 0) into their own buffer: a sharded loader reads only
         the rows its rank keeps (tensors are stored row-major, so the rows are one contiguous byte range)."""
+        info = self.tensors[name]
+        row = math.prod(info.shape[1:])
+        return self.read_flat(name, first * row, last * row).reshape(last - first, *info.shape[1:])
+
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor (one contiguous byte range), 1-D."""
         import torch
 
         info = self.tensors[name]
         dtype = getattr(torch, DTYPES[info.dtype][0])
-        rows = info.shape[0] if info.shape else 1
-        row_bytes = info.nbytes // rows if rows else 0
-        count = (last - first) * row_bytes
+        size = torch.empty(0, dtype=dtype).element_size()
+        count = (stop - start) * size
         buf = torch.empty(count, dtype=torch.uint8)
         if count:
             fh = self._handles.get(info.file)
             if fh is None:
                 fh = self._handles[info.file] = open(info.file, "rb")  # noqa: SIM115 (kept open across reads)
-            fh.seek(info.start + first * row_bytes)
+            fh.seek(info.start + start * size)
             if fh.readinto(buf.numpy().data) != count:
                 raise SftError(f"{info.file}: tensor {name}: file ended early (truncated while it was read?)")
-        return buf.view(dtype).reshape(last - first, *info.shape[1:])
+        return buf.view(dtype)
 
     def close(self) -> None:
         for fh in self._handles.values():

@@ -16,7 +16,7 @@ file: every page a rank touches stays in its resident memory until the file is c
   state, equal to bitsandbytes' quantization of the whole weight.
 
 ZeRO-3: `partitioned_model` constructs the model inside `deepspeed.zero.Init` (each parameter is partitioned as
-soon as its module exists), then rank 0 reads one module's tensors at a time and DeepSpeed scatters them.
+soon as its module exists), then every rank reads its own partition of each tensor from the checkpoint.
 
 Tensors are read with sft's streaming safetensors reader (`sft.safetensors_io.Checkpoint`: headers checked, each read
 into its own buffer, no memory map).
@@ -403,7 +403,7 @@ def _gather_varlen(mine: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 def partitioned_model(cfg: ModelConfig, ds_config: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The base model constructed inside `deepspeed.zero.Init` (each rank keeps only its partition of every
-    parameter), then filled: rank 0 reads one module's tensors at a time, DeepSpeed scatters them."""
+    parameter), then filled: every rank reads its own partitions from the checkpoint."""
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -427,19 +427,27 @@ def partitioned_model(cfg: ModelConfig, ds_config: dict[str, Any], device: torch
 
 
 def _fill_partitions(model: torch.nn.Module, folder: Path) -> None:
-    import deepspeed
-
+    """Every rank reads its own partition of each parameter straight from the checkpoint: no gather, no
+    collective, no tensor whole on any rank. DeepSpeed keeps rank r's partition of a parameter as elements
+    [r * n, (r + 1) * n) of the flattened tensor, n = ceil(numel / ranks), the last one padded."""
     checkpoint = open_checkpoint(folder)
     names = {id(p): n for n, p in model.named_parameters()}  # a tied weight under its first name
     _check_present([checkpoint_key(n) for n in names.values()], checkpoint, folder)
-    done: set[int] = set()
-    for module in model.modules():
-        params = [p for p in module.parameters(recurse=False) if id(p) not in done]
-        if not params:
-            continue
-        done.update(id(p) for p in params)
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
-            if dist.get_rank() == 0:
-                for p in params:
-                    p.copy_(checkpoint.read(checkpoint_key(names[id(p)])))
+    param: Any  # DeepSpeed's parameters carry ds_shape, ds_numel and their partition, ds_tensor
+    for param in {id(p): p for p in model.parameters()}.values():
+        key = checkpoint_key(names[id(param)])
+        stored = checkpoint.tensors[key].shape
+        if tuple(stored) != tuple(param.ds_shape):
+            raise SftError(
+                f"model: {folder}: tensor '{key}' has shape {list(stored)}, the model's config makes it "
+                f"{list(param.ds_shape)}; the folder's config.json and weights do not belong together"
+            )
+        share = param.ds_tensor
+        group = getattr(param, "ds_process_group", None)
+        start = share.ds_numel * dist.get_rank(group)
+        stop = min(start + share.ds_numel, param.ds_numel)
+        with torch.no_grad():
+            share.zero_()  # the padding of the last partition
+            if stop > start:
+                share[: stop - start].copy_(checkpoint.read_flat(key, start, stop))
     checkpoint.close()
