@@ -205,6 +205,22 @@ def test_large_export_is_sharded_with_an_index_and_loads(tiny_model_dir: Path, t
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, state[name]), name
 
+    # The merge stage reads sharded exports: the average of this one and a second, shifted by 1.
+    from sft.merge.config import load_merge_config
+    from sft.merge.run import merge
+
+    other = tmp_path / "export2"
+    other.mkdir()
+    shifted = {k: v + 1 for k, v in state.items()}
+    save_hf_folder(
+        recipe, other, model, shifted, AutoTokenizer.from_pretrained(tiny_model_dir), max_shard_size="2MB"
+    )
+    merged = tmp_path / "merged"
+    merge(load_merge_config(None, ["method=linear", f"models=[{out}, {other}]", f"output={merged}"]))
+    averaged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).state_dict()
+    for name, tensor in averaged.items():
+        torch.testing.assert_close(tensor, state[name] + 0.5, rtol=0, atol=1e-6, msg=name)
+
 
 def test_fsdp_shards_each_decoder_layer(tiny_model_dir: Path, tmp_path: Path) -> None:
     from sft.model.layers import decoder_layers
